@@ -1,0 +1,120 @@
+"""The one backend-neutral paged attention entry point that model code calls.
+
+A layer hands over its new q/k/v for every packed token, its slice of the paged KV cache and the
+step's `AttentionMetadata`; this module writes the new keys/values into their pages and runs the
+kernel chosen by `metadata.backend`. Model code never sees which kernel that is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpage.pallas_kernels import reference
+
+BACKENDS = ("xla", "pallas_gpu", "pallas_tpu")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """Where every packed token of a step lives in the paged KV cache.
+
+    query_start_loc: [S+1] int32, sequence s owns packed tokens query_start_loc[s]:[s+1]
+    kv_lens:         [S] int32, cached tokens of sequence s after this step's tokens are written
+    block_tables:    layer group ("global"/"local") -> [S, max_pages] int32 page ids
+    backend:         static; which kernel runs ("xla", "pallas_gpu", "pallas_tpu")
+    max_query_len:   static upper bound on any sequence's new tokens (1 for pure decode steps)
+    """
+
+    query_start_loc: jax.Array
+    kv_lens: jax.Array
+    block_tables: dict[str, jax.Array]
+    backend: str = dataclasses.field(default="xla", metadata=dict(static=True))
+    max_query_len: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    @classmethod
+    def for_sequences(cls, q_lens, kv_lens, block_tables: dict[str, np.ndarray], *,
+                      backend: str = "xla", max_query_len: int | None = None,
+                      ) -> "AttentionMetadata":
+        """Metadata for a host-side list of sequences (tests, the research `generate`)."""
+        q_lens = np.asarray(q_lens, np.int32)
+        qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+        return cls(
+            query_start_loc=jnp.asarray(qsl), kv_lens=jnp.asarray(np.asarray(kv_lens, np.int32)),
+            block_tables={g: jnp.asarray(np.asarray(t, np.int32)) for g, t in block_tables.items()},
+            backend=resolve_backend(backend),
+            max_query_len=max_query_len if max_query_len is not None else int(q_lens.max(initial=1)),
+        )
+
+
+def resolve_backend(name: str) -> str:
+    """Map "auto" to the kernel of the default device's chip; validate explicit names."""
+    if name == "auto":
+        platform = jax.default_backend()
+        return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "xla")
+    if name not in BACKENDS:
+        raise ValueError(
+            f"attention_backend must be 'auto' or one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+def _kernel(backend: str) -> Callable[..., jax.Array]:
+    if backend == "xla":
+        return reference.ragged_paged_attention
+    if backend == "pallas_gpu":
+        from jaxpage.pallas_kernels import gpu  # noqa: PLC0415 - optional, imported on use
+
+        return gpu.ragged_paged_attention
+    if backend == "pallas_tpu":
+        from jaxpage.pallas_kernels import tpu  # noqa: PLC0415
+
+        return tpu.ragged_paged_attention
+    raise ValueError(f"unknown attention backend {backend!r}")
+
+
+def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
+             metadata: AttentionMetadata, group: str) -> tuple[jax.Array, jax.Array]:
+    """Scatter the step's new keys/values [T, Hkv, D] into their page slots.
+
+    Padding tokens are written to slot 0 of page 0, the null page that no sequence owns.
+    """
+    num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
+    table = metadata.block_tables[group]
+    seq, pos, valid = reference.token_positions(metadata.query_start_loc, metadata.kv_lens,
+                                                k.shape[0])
+    page = table[seq, jnp.minimum(pos // page_size, table.shape[1] - 1)]
+    slot = jnp.where(valid, page * page_size + pos % page_size, 0)
+    flat_shape = (num_kv_heads, num_pages * page_size, head_dim)
+    k_pages = k_pages.reshape(flat_shape).at[:, slot].set(k.swapaxes(0, 1).astype(k_pages.dtype))
+    v_pages = v_pages.reshape(flat_shape).at[:, slot].set(v.swapaxes(0, 1).astype(v_pages.dtype))
+    return k_pages.reshape(num_kv_heads, num_pages, page_size, head_dim), v_pages.reshape(
+        num_kv_heads, num_pages, page_size, head_dim)
+
+
+def paged_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv_cache: tuple[jax.Array, jax.Array],
+    metadata: AttentionMetadata,
+    *,
+    group: str,
+    sm_scale: float,
+    soft_cap: float | None = None,
+    sliding_window: int | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Write k/v [T, Hkv, D] into the layer's pages, then attend q [T, Hq, D] over them.
+
+    Returns the attention output [T, Hq, D] and the updated (k_pages, v_pages).
+    """
+    k_pages, v_pages = write_kv(*kv_cache, k, v, metadata, group)
+    out = _kernel(metadata.backend)(
+        q, k_pages, v_pages, metadata.kv_lens, metadata.block_tables[group],
+        metadata.query_start_loc, sm_scale=sm_scale, soft_cap=soft_cap,
+        sliding_window=sliding_window, max_query_len=metadata.max_query_len)
+    return out, (k_pages, v_pages)

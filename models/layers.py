@@ -1,0 +1,69 @@
+"""Gemma building blocks: embedder, RMSNorm, rotary embeddings, gated feed-forward."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Embedder(nnx.Module):
+    """Token embedding, shared with the output projection (tied weights)."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, dtype, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(normal_init(rngs, (vocab_size, d_model), dtype, 1.0))
+        self.d_model = d_model
+
+    def encode(self, token_ids: jax.Array) -> jax.Array:
+        """[T] ids -> [T, d] embeddings times sqrt(d), the factor rounded to the param dtype."""
+        table = self.embedding[...]
+        x = jnp.take(table, token_ids, axis=0)
+        return x * jnp.sqrt(jnp.float32(self.d_model)).astype(table.dtype)
+
+    def decode(self, x: jax.Array) -> jax.Array:
+        """[N, d] hidden states -> [N, vocab] fp32 logits."""
+        return jnp.einsum("nd,vd->nv", x, self.embedding[...], preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with Gemma's (1 + w) scale, computed in fp32."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, dtype, rngs: nnx.Rngs):
+        self.scale = nnx.Param(normal_init(rngs, (dim,), dtype, 0.1))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, *, base: float, scale: float = 1.0) -> jax.Array:
+    """Rotary embedding on [T, H, D] at absolute positions [T] (split-halves convention).
+
+    Linear scaling divides positions by `scale` (Gemma 3 global layers of 4B/12B/27B use 8).
+    """
+    inv_freq = 1.0 / (base ** (jnp.arange(0, x.shape[-1], 2, dtype=jnp.float32) / x.shape[-1]))
+    angle = (positions.astype(jnp.float32) / scale)[:, None] * inv_freq[None, :]  # [T, D/2]
+    sin, cos = jnp.sin(angle)[:, None, :], jnp.cos(angle)[:, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class FeedForward(nnx.Module):
+    """GeGLU: down(gelu_tanh(x W_gate) * (x W_up))."""
+
+    def __init__(self, d_model: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+        # gating holds W_gate and W_up side by side: one matmul of width 2*hidden.
+        self.gating = nnx.Param(normal_init(rngs, (d_model, 2, hidden), dtype, d_model ** -0.5))
+        self.down = nnx.Param(normal_init(rngs, (hidden, d_model), dtype, hidden ** -0.5))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate_up = jnp.einsum("td,dgf->tgf", x, self.gating[...])
+        h = jax.nn.gelu(gate_up[:, 0], approximate=True) * gate_up[:, 1]
+        return h @ self.down[...]
