@@ -1,0 +1,252 @@
+"""Model runner: packs a scheduled step into one host buffer and runs ahead-of-time compiled steps.
+
+Shapes are bucketed: a step of N tokens runs in the smallest token bucket T >= N, with
+S = min(T, max_num_seqs) sequence slots (a sequence has at least one token, so S always suffices).
+Every bucket is compiled at start-up; serving never compiles. The model state is split once; the KV
+cache is passed explicitly and donated, so XLA updates it in place.
+
+A step is two executables fed by the same device buffer: `forward[T]` (model over the packed tokens,
+returns the hidden state of each sequence's last token) and `sample[S, plan]` (logits and on-device
+sampling). Only sampler inputs whose size depends on the plan (penalty token lists) travel in a
+second buffer, and only in steps where some request uses penalties.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import time
+from typing import Sequence as Seq
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxpage import sampler
+from jaxpage.attention import AttentionMetadata
+from jaxpage.kv_cache import init_kv_cache
+from jaxpage.models.gemma import Gemma
+from jaxpage.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+def token_buckets(max_num_batched_tokens: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from `smallest`, ending exactly at max_num_batched_tokens."""
+    buckets, t = [], smallest
+    while t < max_num_batched_tokens:
+        buckets.append(t)
+        t *= 2
+    return tuple(buckets) + (max_num_batched_tokens,)
+
+
+Field = tuple[str, tuple[int, ...], str]  # (name, shape, dtype name)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+    """Named arrays packed back to back into one flat int32 buffer (float32 fields bit-cast)."""
+
+    fields: tuple[Field, ...]
+
+    def offsets(self) -> dict[str, tuple[int, tuple[int, ...], str]]:
+        out, pos = {}, 0
+        for name, shape, dtype in self.fields:
+            out[name] = (pos, shape, dtype)
+            pos += int(np.prod(shape))
+        return out
+
+    @property
+    def size(self) -> int:
+        return sum(int(np.prod(shape)) for _, shape, _ in self.fields)
+
+    def unpack(self, packed: jax.Array) -> dict[str, jax.Array]:
+        """Device side: static slices of the buffer, float fields bit-cast back."""
+        out = {}
+        for name, (start, shape, dtype) in self.offsets().items():
+            x = jax.lax.slice(packed, (start,), (start + int(np.prod(shape)),)).reshape(shape)
+            out[name] = x if dtype == "int32" else jax.lax.bitcast_convert_type(x, jnp.dtype(dtype))
+        return out
+
+    def new_buffer(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Host side: a zeroed buffer and writable views of every field into it."""
+        buf = np.zeros(self.size, np.int32)
+        views = {}
+        for name, (start, shape, dtype) in self.offsets().items():
+            view = buf[start:start + int(np.prod(shape))].reshape(shape)
+            views[name] = view if dtype == "int32" else view.view(np.dtype(dtype))
+        return buf, views
+
+
+def step_fields(num_tokens: int, num_seqs: int, max_pages: int, groups: Seq[str]) -> tuple[Field, ...]:
+    """Model inputs of one step: token_ids[T], positions[T], query_start_loc[S+1], kv_lens[S],
+    logits_indices[S] (each sequence's last packed row) and a [S, max_pages] block table per group."""
+    t, s = num_tokens, num_seqs
+    return (("token_ids", (t,), "int32"), ("positions", (t,), "int32"),
+            ("query_start_loc", (s + 1,), "int32"), ("kv_lens", (s,), "int32"),
+            ("logits_indices", (s,), "int32"),
+            *((f"block_table.{g}", (s, max_pages), "int32") for g in groups))
+
+
+@dataclasses.dataclass
+class StepResult:
+    """Host copy of what the sampler produced for each scheduled sequence (in schedule order)."""
+
+    token_ids: np.ndarray          # [n]
+    logprobs: np.ndarray           # [n] log-prob of the chosen token
+    top_ids: np.ndarray | None     # [n, K]
+    top_logprobs: np.ndarray | None
+
+
+class ModelRunner:
+    """Owns the model state, the KV cache and the compiled step executables."""
+
+    def __init__(self, model: Gemma, *, num_pages: dict[str, int], page_size: int,
+                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 backend: str, kv_dtype=jnp.bfloat16, compile_workers: int = 8):
+        self.config = model.config
+        self.act_dtype = model.embedder.embedding.value.dtype
+        self.graphdef, self.state = nnx.split(model)
+        self.page_size = page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.max_pages = -(-max_model_len // page_size)
+        self.backend = backend
+        self.groups = self.config.layer_groups
+        self.kv_caches = init_kv_cache(self.config, num_pages, page_size, kv_dtype)
+        self.token_buckets = token_buckets(max_num_batched_tokens)
+        self._forward: dict[tuple[int, bool], object] = {}
+        self._sample: dict[sampler.SamplerPlan, object] = {}
+        self._compile_workers = compile_workers
+        self.compile_seconds = 0.0
+
+    # -- buckets and layouts ---------------------------------------------------------------------
+    def seq_bucket(self, num_tokens_bucket: int) -> int:
+        return min(num_tokens_bucket, self.max_num_seqs)
+
+    def bucket_for(self, num_tokens: int) -> int:
+        for t in self.token_buckets:
+            if t >= num_tokens:
+                return t
+        raise ValueError(f"step of {num_tokens} tokens exceeds the largest bucket "
+                         f"{self.token_buckets[-1]}")
+
+    def row_layout(self, num_rows: int) -> PackedLayout:
+        """Per-row sampler inputs whose size does not depend on the plan."""
+        plan = sampler.SamplerPlan(num_rows=num_rows, num_logprobs=0, filtering=False,
+                                   penalty_len=0)
+        return PackedLayout(tuple((n, tuple(shape), np.dtype(dt).name)
+                                  for n, shape, dt in sampler.array_specs(plan)))
+
+    def step_layout(self, num_tokens_bucket: int) -> PackedLayout:
+        """The step buffer: model inputs, then the sampler's per-row inputs."""
+        s = self.seq_bucket(num_tokens_bucket)
+        model_fields = step_fields(num_tokens_bucket, s, self.max_pages, self.groups)
+        return PackedLayout(model_fields + self.row_layout(s).fields)
+
+    def _extra_specs(self, plan: sampler.SamplerPlan) -> dict[str, jax.ShapeDtypeStruct]:
+        """Sampler inputs that only some plans have (penalty token lists)."""
+        base = {name for name, _, _ in self.row_layout(plan.num_rows).fields}
+        return {n: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dt))
+                for n, shape, dt in sampler.array_specs(plan) if n not in base}
+
+    def _variants(self) -> list[tuple[int, bool]]:
+        variants = [(t, False) for t in self.token_buckets]
+        if self.backend != "xla":  # kernels specialise on pure-decode steps (max_query_len = 1)
+            variants += [(t, True) for t in self.token_buckets if t <= self.max_num_seqs]
+        return variants
+
+    # -- compilation -----------------------------------------------------------------------------
+    def compile_all(self) -> float:
+        """Lower and compile every forward bucket and sampler plan; returns seconds taken."""
+        t0 = time.perf_counter()
+        lowered = {}
+        for t, decode in self._variants():
+            layout = self.step_layout(t)
+            fn = jax.jit(self._forward_fn(t, decode), donate_argnums=(1,))
+            lowered[("forward", t, decode)] = fn.lower(
+                self.state, self.kv_caches, jax.ShapeDtypeStruct((layout.size,), jnp.int32))
+        seq_buckets = sorted({self.seq_bucket(t) for t in self.token_buckets})
+        for plan in sampler.all_plans(seq_buckets, self.max_model_len):
+            rows = self.row_layout(plan.num_rows)
+            lowered[("sample", plan)] = jax.jit(self._sample_fn(plan)).lower(
+                self.state, jax.ShapeDtypeStruct((plan.num_rows, self.config.d_model), self.act_dtype),
+                jax.ShapeDtypeStruct((rows.size,), jnp.int32), self._extra_specs(plan))
+        with concurrent.futures.ThreadPoolExecutor(self._compile_workers) as pool:
+            compiled = dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
+        for key, exe in compiled.items():
+            if key[0] == "forward":
+                self._forward[key[1:]] = exe
+            else:
+                self._sample[key[1]] = exe
+        self.compile_seconds = time.perf_counter() - t0
+        log.info("compiled %d forward buckets and %d sampler plans in %.1f s",
+                 len(self._forward), len(self._sample), self.compile_seconds)
+        return self.compile_seconds
+
+    def _forward_fn(self, num_tokens_bucket: int, decode_only: bool):
+        graphdef, backend, groups = self.graphdef, self.backend, self.groups
+        s = self.seq_bucket(num_tokens_bucket)
+        model_layout = PackedLayout(step_fields(num_tokens_bucket, s, self.max_pages, groups))
+
+        def forward(state, kv_caches, packed):
+            f = model_layout.unpack(packed)
+            meta = AttentionMetadata(
+                query_start_loc=f["query_start_loc"], kv_lens=f["kv_lens"],
+                block_tables={g: f[f"block_table.{g}"] for g in groups},
+                backend=backend, max_query_len=1 if decode_only else num_tokens_bucket)
+            model = nnx.merge(graphdef, state)
+            hidden, kv_caches = model(f["token_ids"], f["positions"], kv_caches, meta)
+            rows = packed[model_layout.size:]  # the sampler's per-row inputs, passed through
+            return hidden[f["logits_indices"]], rows, kv_caches
+
+        return forward
+
+    def _sample_fn(self, plan: sampler.SamplerPlan):
+        graphdef, rows_layout = self.graphdef, self.row_layout(plan.num_rows)
+
+        def sample(state, hidden_last, rows, extra):
+            arrays = rows_layout.unpack(rows) | dict(extra)
+            logits = nnx.merge(graphdef, state).logits(hidden_last)
+            return sampler.sample(logits, arrays, plan)
+
+        return sample
+
+    # -- one step --------------------------------------------------------------------------------
+    def execute(self, sched: SchedulerOutput, rows: Seq[sampler.RowSpec], kv_manager) -> StepResult:
+        """Run one scheduled step; blocks only on the sampled ids coming back."""
+        t = self.bucket_for(sched.num_tokens)
+        decode_only = sched.is_decode_only and (t, True) in self._forward
+        buf, v = self.step_layout(t).new_buffer()
+        pos = 0
+        for i, item in enumerate(sched.scheduled):
+            seq, start, n = item.seq, item.start, item.num_new_tokens
+            v["token_ids"][pos:pos + n] = seq.token_ids[start:start + n]
+            v["positions"][pos:pos + n] = np.arange(start, start + n)
+            v["query_start_loc"][i] = pos
+            v["kv_lens"][i] = start + n
+            pos += n
+            v["logits_indices"][i] = pos - 1
+            for g in self.groups:
+                table = kv_manager.block_table(seq.seq_id, g)
+                v[f"block_table.{g}"][i, :len(table)] = table
+        v["query_start_loc"][len(sched.scheduled):] = pos
+        plan = sampler.plan_for(rows, self.seq_bucket(t), self.max_model_len)
+        extra = {}
+        for name, arr in sampler.host_arrays(plan, rows).items():
+            if name in v:
+                v[name][...] = arr
+            else:
+                extra[name] = arr
+
+        hidden_last, row_inputs, self.kv_caches = self._forward[(t, decode_only)](
+            self.state, self.kv_caches, jax.device_put(buf))
+        out = self._sample[plan](self.state, hidden_last, row_inputs, jax.device_put(extra))
+        n = len(sched.scheduled)
+        host = jax.device_get(out)
+        if plan.num_logprobs:
+            return StepResult(host.token_ids[:n], host.logprobs[:n], host.top_ids[:n],
+                              host.top_logprobs[:n])
+        return StepResult(host.token_ids[:n], host.logprobs[:n], None, None)
