@@ -1,0 +1,301 @@
+"""On-device token sampling for a batch of rows, each with its own SamplingParams.
+
+The host describes a step's rows with `RowSpec`s, picks a `SamplerPlan` (the static shape and
+feature set of one compiled sampler), and packs the per-row settings into fixed-dtype arrays;
+`sample` turns the model's logits into token ids and logprobs on the device.
+
+Semantics follow vLLM / OpenAI, in this order:
+  1. penalties on the raw logits: repetition (prompt and output tokens; logit > 0 -> logit / r,
+     else logit * r), then frequency and presence (output tokens only:
+     logit - frequency * count - presence * [count > 0]);
+  2. min_tokens: while step_index < min_tokens, eos and stop token ids get -inf;
+  3. temperature 0 (below GREEDY_EPS) -> argmax of the penalised logits; otherwise divide by the
+     temperature, keep the tokens that pass min_p (p >= min_p * p_max), then top_k, then top_p
+     (on the distribution left by the previous filters), and draw with the Gumbel-max trick.
+Filters are value thresholds, so tokens tied at a boundary are all kept or all dropped: top_k
+keeps t iff fewer than k tokens have a larger logit; top_p keeps t iff the tokens strictly more
+likely than t hold less than top_p of the (filtered) mass.
+
+Randomness: row key = fold_in(jax.random.key(seed, impl="threefry2x32"), step_index), with the
+seed taken modulo 2**64, so a row's tokens depend only on its seed, its step and its logits, not
+on the batch around it. Logprobs are those of the model's raw distribution (log_softmax of the
+logits before penalties, temperature and filters), as vLLM reports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpage.sampling_params import MAX_LOGPROBS, SamplingParams
+
+GREEDY_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
+MIN_TOKEN_LIST_BUCKET = 256
+BAN_ROOM = 256  # token-list slots past max_context for the ids min_tokens bans
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerPlan:
+    """Static choices of one compiled sampler.
+
+    num_rows:      rows of logits (a row bucket)
+    num_logprobs:  0, or MAX_LOGPROBS when some row asks for top logprobs
+    filtering:     some sampled row uses top_k or top_p (needs a full sort of the vocabulary)
+    penalty_len:   0 when no row uses penalties or min_tokens bans, else the bucketed length of
+                   the per-row token lists (prompt tokens, output tokens, banned ids)
+    """
+
+    num_rows: int
+    num_logprobs: int = 0
+    filtering: bool = False
+    penalty_len: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+    """One row of a sampling step, as the host knows it."""
+
+    params: SamplingParams
+    seed: int
+    step_index: int  # tokens this sample has generated so far: its position in its random stream
+    prompt_token_ids: Sequence[int] = ()
+    output_token_ids: Sequence[int] = ()
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerOutput:
+    """token_ids i32[R]; logprobs f32[R] of the chosen ids; top_ids i32[R, K]; top_logprobs f32[R, K]."""
+
+    token_ids: jax.Array
+    logprobs: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+# ---- host side --------------------------------------------------------------------------------
+
+def token_list_buckets(max_context: int) -> list[int]:
+    """Lengths the per-row token lists are padded to: 256 * 8**k up to half the limit, then the
+    limit (max_context + BAN_ROOM). Few buckets keep the plans few; the lists are cheap anyway."""
+    if max_context < 1:
+        raise ValueError(f"max_context must be positive, got {max_context}")
+    limit = max_context + BAN_ROOM
+    buckets, size = [], MIN_TOKEN_LIST_BUCKET
+    while 2 * size <= limit:
+        buckets.append(size)
+        size *= 8
+    return buckets + [limit]
+
+
+def all_plans(row_buckets: Sequence[int], max_context: int) -> list[SamplerPlan]:
+    """Every plan `plan_for` can return for these row buckets (the runner compiles them all)."""
+    if not row_buckets or any(r < 1 for r in row_buckets):
+        raise ValueError(f"row_buckets must be positive sizes, got {list(row_buckets)}")
+    lens = [0] + token_list_buckets(max_context)
+    return [SamplerPlan(r, k, f, n) for r in sorted(set(row_buckets)) for k in (0, MAX_LOGPROBS)
+            for f in (False, True) for n in lens]
+
+
+def _is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < GREEDY_EPS
+
+
+def _uses_filters(params: SamplingParams) -> bool:
+    return not _is_greedy(params) and (params.top_k > 0 or params.top_p < 1.0)
+
+
+def _banned_ids(row: RowSpec) -> list[int]:
+    if row.step_index >= row.params.min_tokens:
+        return []
+    return sorted(set(row.eos_token_ids) | set(row.params.stop_token_ids))
+
+
+def _token_lists(row: RowSpec) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, output, banned) token lists the row's penalties and bans need on the device."""
+    p = row.params
+    output = list(row.output_token_ids)
+    if p.repetition_penalty != 1.0:
+        prompt = list(row.prompt_token_ids)
+    else:
+        prompt = []
+        if p.presence_penalty == 0.0 and p.frequency_penalty == 0.0:
+            output = []
+    return prompt, output, _banned_ids(row)
+
+
+def plan_for(rows: Sequence[RowSpec], num_rows: int, max_context: int) -> SamplerPlan:
+    """The smallest plan (of `all_plans`) with `num_rows` rows that can serve these rows."""
+    if len(rows) > num_rows:
+        raise ValueError(f"{len(rows)} rows do not fit the row bucket num_rows={num_rows}")
+    needed = max((sum(map(len, _token_lists(r))) for r in rows), default=0)
+    penalty_len = 0
+    if needed:
+        fitting = [b for b in token_list_buckets(max_context) if b >= needed]
+        if not fitting:
+            raise ValueError(
+                f"a row needs {needed} penalty/ban token slots, more than max_context={max_context}"
+                f" + {BAN_ROOM} (too many prompt+output tokens or stop_token_ids)")
+        penalty_len = fitting[0]
+    return SamplerPlan(
+        num_rows=num_rows,
+        num_logprobs=MAX_LOGPROBS if any(r.params.logprobs for r in rows) else 0,
+        filtering=any(_uses_filters(r.params) for r in rows),
+        penalty_len=penalty_len,
+    )
+
+
+def array_specs(plan: SamplerPlan) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+    """(name, shape, dtype) of every array `sample` reads for this plan, in packing order."""
+    r = plan.num_rows
+    specs = [("temperature", (r,), np.dtype(np.float32)),
+             ("min_p", (r,), np.dtype(np.float32)),
+             ("seed", (r, 2), np.dtype(np.uint32)),  # threefry key data: (high, low) 32 bits
+             ("step_index", (r,), np.dtype(np.uint32))]
+    if plan.filtering:
+        specs += [("top_k", (r,), np.dtype(np.int32)), ("top_p", (r,), np.dtype(np.float32))]
+    if plan.penalty_len:
+        specs += [("penalties", (r, 3), np.dtype(np.float32)),  # presence, frequency, repetition
+                  ("token_lists", (r, plan.penalty_len), np.dtype(np.int32)),
+                  ("token_list_ends", (r, 3), np.dtype(np.int32))]  # prompt, output, banned ends
+    return specs
+
+
+def host_arrays(plan: SamplerPlan, rows: Sequence[RowSpec]) -> dict[str, np.ndarray]:
+    """Per-row settings packed as `array_specs(plan)`; rows past len(rows) are greedy no-ops."""
+    if len(rows) > plan.num_rows:
+        raise ValueError(f"{len(rows)} rows do not fit plan.num_rows={plan.num_rows}")
+    out = {name: np.zeros(shape, dtype) for name, shape, dtype in array_specs(plan)}
+    if plan.filtering:
+        out["top_p"][:] = 1.0
+    if plan.penalty_len:
+        out["penalties"][:, 2] = 1.0
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.logprobs and p.logprobs > plan.num_logprobs:
+            raise ValueError(f"row {i} asks for {p.logprobs} logprobs but the plan has "
+                             f"num_logprobs={plan.num_logprobs}")
+        if row.step_index < 0:
+            raise ValueError(f"row {i}: step_index must be non-negative, got {row.step_index}")
+        out["temperature"][i] = 0.0 if _is_greedy(p) else p.temperature
+        out["min_p"][i] = p.min_p
+        seed = row.seed % (1 << 64)
+        out["seed"][i] = (seed >> 32, seed & 0xFFFFFFFF)
+        out["step_index"][i] = row.step_index
+        if _uses_filters(p):
+            if not plan.filtering:
+                raise ValueError(f"row {i} uses top_k/top_p but the plan has filtering=False")
+            out["top_k"][i], out["top_p"][i] = p.top_k, p.top_p
+        lists = _token_lists(row)
+        total = sum(map(len, lists))
+        if total > plan.penalty_len:
+            raise ValueError(f"row {i} needs {total} penalty/ban token slots but the plan has "
+                             f"penalty_len={plan.penalty_len}")
+        if total:
+            ids = np.asarray([t for part in lists for t in part], np.int64)
+            if ids.min() < 0 or ids.max() >= 2**31:
+                raise ValueError(f"row {i}: token ids must be in [0, 2**31), got {ids.min()}..."
+                                 f"{ids.max()}")
+            out["token_lists"][i, :total] = ids
+            out["token_list_ends"][i] = np.cumsum([len(part) for part in lists])
+            out["penalties"][i] = (p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
+    return out
+
+
+# ---- device side ------------------------------------------------------------------------------
+
+def row_keys(seed: jax.Array, step_index: jax.Array) -> jax.Array:
+    """Typed PRNG keys [R]: fold_in(key(seed), step) from threefry key data seed u32[R, 2]."""
+    keys = jax.random.wrap_key_data(seed.astype(jnp.uint32), impl="threefry2x32")
+    return jax.vmap(jax.random.fold_in)(keys, step_index.astype(jnp.uint32))
+
+
+def _apply_penalties(logits: jax.Array, arrays: dict[str, jax.Array]) -> jax.Array:
+    """Repetition, frequency and presence penalties and min_tokens bans from the token lists."""
+    num_rows, vocab = logits.shape
+    tokens, ends = arrays["token_lists"], arrays["token_list_ends"]
+    pos = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+    prompt_end, output_end, ban_end = ends[:, 0:1], ends[:, 1:2], ends[:, 2:3]
+    rows = jnp.arange(num_rows, dtype=jnp.int32)[:, None]
+
+    def ids_where(mask):  # tokens outside the mask index past the vocabulary and are dropped
+        return rows, jnp.where(mask, tokens, vocab)
+
+    counts = jnp.zeros((num_rows, vocab), jnp.int32).at[
+        ids_where((pos >= prompt_end) & (pos < output_end))].add(1, mode="drop")
+    seen = jnp.zeros((num_rows, vocab), jnp.bool_).at[
+        ids_where(pos < output_end)].set(True, mode="drop")
+    banned = jnp.zeros((num_rows, vocab), jnp.bool_).at[
+        ids_where((pos >= output_end) & (pos < ban_end))].set(True, mode="drop")
+
+    presence, frequency, repetition = (arrays["penalties"][:, j:j + 1] for j in range(3))
+    penalised = jnp.where(logits > 0, logits / repetition, logits * repetition)
+    logits = jnp.where(seen, penalised, logits)
+    logits = logits - frequency * counts.astype(jnp.float32) - presence * (counts > 0)
+    return jnp.where(banned, -jnp.inf, logits)
+
+
+def _keep_threshold(scaled: jax.Array, arrays: dict[str, jax.Array], plan: SamplerPlan) -> jax.Array:
+    """[R, 1] lowest temperature-scaled logit that min_p, top_k and top_p keep."""
+    vocab = scaled.shape[1]
+    threshold = scaled.max(axis=1, keepdims=True) + jnp.log(arrays["min_p"])[:, None]
+    if not plan.filtering:
+        return threshold
+    desc = jnp.flip(jnp.sort(scaled, axis=1), axis=1)
+    top_k = arrays["top_k"][:, None]
+    k = jnp.where(top_k <= 0, vocab, jnp.minimum(top_k, vocab))
+    threshold = jnp.maximum(threshold, jnp.take_along_axis(desc, k - 1, axis=1))
+    desc = jnp.where(desc >= threshold, desc, -jnp.inf)
+    inclusive = jnp.cumsum(jax.nn.softmax(desc, axis=1), axis=1)
+    top_p = arrays["top_p"][:, None]
+    # The first sorted position whose inclusive mass reaches top_p is the last one kept.
+    last = jnp.minimum(jnp.sum(inclusive < top_p, axis=1, keepdims=True), vocab - 1)
+    nucleus = jnp.where(top_p >= 1.0, -jnp.inf, jnp.take_along_axis(desc, last, axis=1))
+    return jnp.maximum(threshold, nucleus)
+
+
+def filtered_logits(logits: jax.Array, arrays: dict[str, jax.Array],
+                    plan: SamplerPlan) -> jax.Array:
+    """f32[R, V] that each row draws from: penalised logits divided by the temperature (by 1 for
+    greedy rows), -inf where min_p, top_k or top_p drop the token."""
+    x = logits.astype(jnp.float32)
+    if plan.penalty_len:
+        x = _apply_penalties(x, arrays)
+    temperature = arrays["temperature"]
+    scaled = x / jnp.where(temperature < GREEDY_EPS, 1.0, temperature)[:, None]
+    return jnp.where(scaled >= _keep_threshold(scaled, arrays, plan), scaled, -jnp.inf)
+
+
+def sample_with_keys(logits: jax.Array, arrays: dict[str, jax.Array], plan: SamplerPlan,
+                     keys: jax.Array) -> SamplerOutput:
+    """`sample` with the rows' typed PRNG keys [R] given directly ("seed"/"step_index" unused)."""
+    num_rows, vocab = logits.shape
+    if num_rows != plan.num_rows:
+        raise ValueError(f"logits have {num_rows} rows but plan.num_rows={plan.num_rows}")
+    logits = logits.astype(jnp.float32)
+    filtered = filtered_logits(logits, arrays, plan)
+    # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits). Greedy rows skip
+    # the noise; the filters always keep the maximum, so their argmax is the penalised argmax.
+    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys)
+    greedy = (arrays["temperature"] < GREEDY_EPS)[:, None]
+    token_ids = jnp.argmax(jnp.where(greedy, filtered, filtered + gumbel), axis=1).astype(jnp.int32)
+
+    log_norm = jax.nn.logsumexp(logits, axis=1)
+    chosen = jnp.take_along_axis(logits, token_ids[:, None], axis=1)[:, 0] - log_norm
+    if plan.num_logprobs:
+        top_logits, top_ids = jax.lax.top_k(logits, plan.num_logprobs)
+        top_logprobs = top_logits - log_norm[:, None]
+    else:
+        top_ids = jnp.zeros((num_rows, 0), jnp.int32)
+        top_logprobs = jnp.zeros((num_rows, 0), jnp.float32)
+    return SamplerOutput(token_ids, chosen, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def sample(logits: jax.Array, arrays: dict[str, jax.Array], plan: SamplerPlan) -> SamplerOutput:
+    """Token ids (and raw logprobs) for logits f32[plan.num_rows, V] under the rows' settings."""
+    return sample_with_keys(logits, arrays, plan, row_keys(arrays["seed"], arrays["step_index"]))
