@@ -33,3 +33,41 @@ def page_bytes(config: GemmaConfig, group: str, page_size: int, dtype=jnp.bfloat
     """Bytes one page id of `group` costs across all the group's layers (keys and values)."""
     layers = sum(1 for t in config.layer_types if t == group)
     return 2 * layers * config.num_kv_heads * page_size * config.head_dim * jnp.dtype(dtype).itemsize
+
+
+def local_pages_bound(config: GemmaConfig, *, page_size: int, max_num_seqs: int,
+                      max_num_batched_tokens: int) -> int:
+    """Most local-layer pages the running sequences can hold at once (window + chunk per sequence)."""
+    per_seq = -(-(config.sliding_window - 1) // page_size) + 2
+    return max_num_seqs * per_seq + -(-max_num_batched_tokens // page_size)
+
+
+def plan_num_pages(config: GemmaConfig, *, page_size: int, kv_bytes: int | None,
+                   num_pages: int | None, max_num_seqs: int, max_num_batched_tokens: int,
+                   max_model_len: int, dtype=jnp.bfloat16) -> dict[str, int]:
+    """Pages per layer group (null page included).
+
+    An explicit `num_pages` sets the global pool; otherwise `kv_bytes` of memory is split so that
+    the local (sliding-window) pool gets what its running sequences can ever hold and the global
+    pool the rest. The local pool never needs more pages than the global one.
+    """
+    groups = config.layer_groups
+    per_seq_max = -(-max_model_len // page_size)
+    bound = min(local_pages_bound(config, page_size=page_size, max_num_seqs=max_num_seqs,
+                                  max_num_batched_tokens=max_num_batched_tokens),
+                max_num_seqs * per_seq_max)
+    if num_pages is not None:
+        local = num_pages if groups == ("local",) else min(num_pages, bound + 1)
+        return {g: num_pages if g == "global" else local for g in groups}
+    if kv_bytes is None:
+        raise ValueError("num_pages=None needs the free device memory (kv_bytes)")
+    pb = {g: page_bytes(config, g, page_size, dtype) for g in groups}
+    if groups == ("local",):
+        return {"local": max(2, kv_bytes // pb["local"])}
+    if "local" not in groups:
+        return {"global": max(2, kv_bytes // pb["global"])}
+    shared = kv_bytes // (pb["global"] + pb["local"])  # both pools the same size
+    if shared <= bound:
+        return {"global": max(2, shared), "local": max(2, shared)}
+    local = bound + 1
+    return {"global": max(2, (kv_bytes - local * pb["local"]) // pb["global"]), "local": local}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxpage.request import RequestMetrics
+
 
 @dataclasses.dataclass
 class CompletionOutput:
@@ -34,3 +36,4 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    metrics: RequestMetrics | None = None  # arrival / first token / finish times (monotonic)

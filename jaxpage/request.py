@@ -47,7 +47,9 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     text: str = ""
-    detokenizer: object | None = None  # jaxpage.tokenizer.IncrementalDetokenizer when text is wanted
+    # Set when the engine has a tokenizer: jaxpage.tokenizer.IncrementalDetokenizer / StopChecker.
+    detokenizer: object | None = None
+    stop_checker: object | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,0 +1,324 @@
+"""LLMEngine: requests in, tokens out; the loop that ties scheduler, allocator and runner together.
+
+    engine.add_request("r1", prompt_token_ids=[2, 17, 99], params=SamplingParams(max_tokens=8))
+    while engine.has_unfinished_requests():
+        for out in engine.step(): ...
+
+`step` schedules one batch, runs it, and returns a RequestOutput for every request that produced
+tokens or finished. `abort_request` may be called at any time; it frees everything at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import logging
+import random
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxpage import compat, sampler
+from jaxpage.attention import resolve_backend
+from jaxpage.config import EngineConfig
+from jaxpage.kv_cache import plan_num_pages
+from jaxpage.models.gemma import Gemma
+from jaxpage.outputs import CompletionOutput, RequestOutput
+from jaxpage.paging import GroupUsage, KVCacheManager
+from jaxpage.request import Request, Sequence, SeqStatus
+from jaxpage.runner import ModelRunner, StepResult
+from jaxpage.sampling_params import SamplingParams
+from jaxpage.scheduler import Scheduler
+from jaxpage.tokenizer import IncrementalDetokenizer, StopChecker
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request that can never be served (bad prompt, too long); `param` names the culprit."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class OutputKind(enum.Enum):
+    CUMULATIVE = "cumulative"  # every output carries all tokens so far
+    DELTA = "delta"            # every output carries only what is new since the last one
+    FINAL_ONLY = "final_only"  # one output, when the request finishes
+
+
+@dataclasses.dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    kv: dict[str, GroupUsage]
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+class LLMEngine:
+    """Continuous-batching engine over one model on one device."""
+
+    def __init__(self, model: Gemma, *, tokenizer=None, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        if self.config.compilation_cache_dir is not None:
+            compat.enable_persistent_compilation_cache(
+                None if self.config.compilation_cache_dir == "default"
+                else self.config.compilation_cache_dir)
+        self.model_config = model.config
+        self.tokenizer = tokenizer
+        self.backend = resolve_backend(self.config.attention_backend)
+        self.max_model_len = min(self.config.max_model_len or self.model_config.max_context,
+                                 self.model_config.max_context)
+        kv_dtype = jnp.dtype(self.config.kv_cache_dtype or model.embedder.embedding.value.dtype)
+        num_pages = plan_num_pages(
+            self.model_config, page_size=self.config.page_size, kv_bytes=self._free_kv_bytes(model),
+            num_pages=self.config.num_pages, max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            max_model_len=self.max_model_len, dtype=kv_dtype)
+        self.kv = KVCacheManager(
+            page_size=self.config.page_size, num_pages=num_pages, max_context=self.max_model_len,
+            windows={g: self.model_config.window_of(g) for g in num_pages})
+        self.scheduler = Scheduler(self.kv, max_num_seqs=self.config.max_num_seqs,
+                                   max_num_batched_tokens=self.config.max_num_batched_tokens)
+        self.runner = ModelRunner(
+            model, num_pages=num_pages, page_size=self.config.page_size,
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            max_model_len=self.max_model_len, backend=self.backend, kv_dtype=kv_dtype,
+            compile_workers=self.config.compile_workers)
+        log.info("KV cache: %s pages of %d tokens; attention backend %s",
+                 num_pages, self.config.page_size, self.backend)
+        self.runner.compile_all()
+        log.info("start-up compilation took %.1f s", self.runner.compile_seconds)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._seed_rng = random.Random(self.config.seed)
+        self._output_kind: dict[str, OutputKind] = {}
+        self._sent: dict[tuple[str, int], tuple[int, int, int]] = {}  # (tokens, chars, logprobs) sent
+        self._aborted: list[RequestOutput] = []
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # -- requests ------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | None = None,
+                    prompt_token_ids: list[int] | None = None,
+                    params: SamplingParams | None = None, *,
+                    output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
+        """Queue a request; raises RequestError (a ValueError) if it can never be served."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use", "request_id")
+        ids = self._prompt_ids(prompt, prompt_token_ids)
+        max_tokens = self._check_fits(ids, params)
+        if params.max_tokens != max_tokens:
+            params = dataclasses.replace(params, max_tokens=max_tokens)
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer; this engine has none", "stop")
+        request = Request(request_id, prompt, ids, params, self._eos_ids())
+        base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(31)
+        num_samples = params.beam_width if params.use_beam_search else params.n
+        for i in range(num_samples):
+            seq = Sequence(next(self._seq_ids), request, i, list(ids),
+                           seed=(base_seed + 7919 * i) & 0x7FFFFFFF,
+                           logprobs=[] if params.logprobs is not None else None)
+            if self.tokenizer is not None:
+                seq.detokenizer = IncrementalDetokenizer(
+                    self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
+                seq.stop_checker = StopChecker(
+                    params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
+            request.sequences.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+        self._output_kind[request_id] = output_kind
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its pages; its final output says finish_reason="abort"."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        for seq in request.sequences:
+            if not seq.finished:
+                self._finish(seq, "abort")
+        self._aborted.append(self._output(request))
+        self._forget(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._aborted)
+
+    # -- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; outputs of the requests that made progress (and of aborted ones)."""
+        outputs, self._aborted = self._aborted, []
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return outputs
+        now = time.monotonic()
+        rows = [self._row_spec(item.seq) for item in sched.scheduled]
+        result = self.runner.execute(sched, rows, self.kv)
+        touched: dict[str, Request] = {}
+        for i, item in enumerate(sched.scheduled):
+            seq = item.seq
+            request = seq.request
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+            seq.num_computed_tokens = item.start + item.num_new_tokens
+            self.kv.commit(seq.seq_id, seq.num_computed_tokens)
+            if item.samples:
+                self._append_token(seq, result, i)
+                touched[request.request_id] = request
+        for request in touched.values():
+            out = self._output(request)
+            if out is not None:
+                outputs.append(out)
+            if request.finished:
+                request.metrics.finished_time = time.monotonic()
+                self._forget(request)
+        return outputs
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_preemptions=self.scheduler.num_preemptions, kv=self.kv.usage(),
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _row_spec(self, seq: Sequence) -> sampler.RowSpec:
+        return sampler.RowSpec(params=seq.params, seed=seq.seed, step_index=seq.num_output_tokens,
+                               prompt_token_ids=seq.request.prompt_token_ids,
+                               output_token_ids=seq.output_token_ids,
+                               eos_token_ids=seq.request.eos_token_ids)
+
+    def _append_token(self, seq: Sequence, result: StepResult, row: int) -> None:
+        token = int(result.token_ids[row])
+        params, request = seq.params, seq.request
+        if seq.num_output_tokens == 0:
+            self.prompt_tokens_total += seq.num_prompt_tokens
+        seq.token_ids.append(token)
+        self.generation_tokens_total += 1
+        now = time.monotonic()
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+        request.metrics.last_token_time = now
+        logprob = float(result.logprobs[row])
+        seq.cumulative_logprob += logprob
+        if seq.logprobs is not None:
+            entry = {}
+            if params.logprobs:
+                entry = {int(t): float(lp) for t, lp in zip(result.top_ids[row][:params.logprobs],
+                                                          result.top_logprobs[row][:params.logprobs])}
+            entry[token] = logprob
+            seq.logprobs.append(entry)
+        if seq.detokenizer is not None:
+            seq.text += seq.stop_checker.update(seq.detokenizer.step(token),
+                                                can_stop=seq.num_output_tokens >= params.min_tokens)
+            if seq.stop_checker.stopped:
+                self._finish(seq, "stop", seq.stop_checker.stop)
+                return
+        if not params.ignore_eos and token in request.eos_token_ids:
+            self._finish(seq, "stop")
+        elif token in params.stop_token_ids:
+            self._finish(seq, "stop", token)
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        if seq.stop_checker is not None and not seq.stop_checker.stopped:
+            seq.text += seq.stop_checker.update(seq.detokenizer.flush())
+            seq.text += seq.stop_checker.finish()
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.status = SeqStatus.FINISHED
+        self.scheduler.remove(seq)
+
+    def _forget(self, request: Request) -> None:
+        self.requests.pop(request.request_id, None)
+        self._output_kind.pop(request.request_id, None)
+        for seq in request.sequences:
+            self._sent.pop((request.request_id, seq.index), None)
+
+    def _output(self, request: Request) -> RequestOutput | None:
+        kind = self._output_kind[request.request_id]
+        if kind is OutputKind.FINAL_ONLY and not request.finished:
+            return None
+        completions = []
+        for seq in request.sequences:
+            out_ids = seq.output_token_ids
+            tokens, chars, lps = 0, 0, 0
+            if kind is OutputKind.DELTA:
+                tokens, chars, lps = self._sent.get((request.request_id, seq.index), (0, 0, 0))
+                self._sent[(request.request_id, seq.index)] = (
+                    len(out_ids), len(seq.text), len(seq.logprobs or ()))
+            completions.append(CompletionOutput(
+                index=seq.index, text=seq.text[chars:], token_ids=out_ids[tokens:],
+                cumulative_logprob=seq.cumulative_logprob,
+                logprobs=None if seq.logprobs is None else seq.logprobs[lps:],
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
+                             completions, finished=request.finished,
+                             num_cached_tokens=request.num_cached_tokens, metrics=request.metrics)
+
+    def _prompt_ids(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise RequestError("give a prompt or prompt_token_ids", "prompt")
+            if self.tokenizer is None:
+                raise RequestError("this engine has no tokenizer: give prompt_token_ids", "prompt")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt_token_ids]
+        if not ids:
+            raise RequestError("the prompt is empty", "prompt")
+        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary "
+                               f"[0, {self.model_config.vocab_size})", "prompt")
+        return ids
+
+    def _check_fits(self, ids: list[int], params: SamplingParams) -> int:
+        """max_tokens this request gets; RequestError when it can never be served."""
+        limit = self.max_model_len
+        if len(ids) >= limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens. However, your request "
+                f"has {len(ids)} input tokens. Please reduce the length of the input.", "prompt")
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(ids)
+        if len(ids) + max_tokens > limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(ids) + max_tokens} tokens ({len(ids)} in the input, {max_tokens} in the "
+                f"completion). Please reduce the length of the input or completion.", "max_tokens")
+        for group, pool in self.kv.pools.items():
+            need = self.kv.pages_for(len(ids) + max_tokens, group,
+                                     chunk=self.config.max_num_batched_tokens)
+            if need > pool.num_pages - 1:
+                raise RequestError(
+                    f"the request needs {need} KV pages for its '{group}' layers but the cache "
+                    f"holds only {pool.num_pages - 1}; reduce the input or max_tokens", "max_tokens")
+        return max_tokens
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        eos = set(self.model_config.eos_ids)
+        if self.tokenizer is not None:
+            eos.add(self.tokenizer.eos_id)
+        return tuple(sorted(eos))
+
+    def _free_kv_bytes(self, model: Gemma) -> int | None:
+        """Device memory left for the KV cache after weights and a reserve for activations."""
+        if self.config.num_pages is not None:
+            return None
+        stats = jax.local_devices()[0].memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        if not limit:
+            return 512 << 20  # host platforms report no limit: a modest default
+        c = self.model_config
+        tokens = self.config.max_num_batched_tokens
+        act_bytes = jnp.dtype(model.embedder.embedding.value.dtype).itemsize
+        activations = 4 * tokens * (2 * c.d_model + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+                                    + 3 * c.ffw_hidden) * act_bytes
+        logits = 3 * self.config.max_num_seqs * c.vocab_size * 4
+        reserve = activations + logits + (512 << 20)
+        return int(limit * self.config.gpu_memory_utilization) - stats.get("bytes_in_use", 0) - reserve
