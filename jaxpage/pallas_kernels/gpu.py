@@ -1,0 +1,113 @@
+"""Ragged paged attention for NVIDIA GPUs: Pallas kernels through the Triton lowering.
+
+`ragged_paged_attention` has the signature and semantics of reference.py (read its docstring).
+`max_query_len == 1` (a pure decode step) takes the split-KV decode kernel (gpu_decode.py);
+anything else takes the query-tiled prefill kernel (gpu_prefill.py). Off-GPU both run in Pallas
+interpret mode, which is how CPU tests and CPU model runs exercise them. Tile sizes come from
+`default_configs` and can be overridden per call (benchmarks, tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxpage.pallas_kernels import gpu_common as gc
+from jaxpage.pallas_kernels.gpu_decode import DecodeConfig, decode_attention
+from jaxpage.pallas_kernels.gpu_prefill import PrefillConfig, prefill_attention
+
+# Bytes of K plus V one decode step should move (several pages per step keeps the copies long).
+_DECODE_STEP_BYTES = 64 * 1024
+# Programs the decode grid should offer before kv splits stop helping (H100/H200: 132 SMs).
+_DECODE_TARGET_PROGRAMS = 4 * 132
+
+
+def default_configs(p: gc.AttnParams, dtype, num_seqs: int, max_pages: int, interpret: bool,
+                    ) -> tuple[DecodeConfig, PrefillConfig]:
+    """Tile sizes and kv splits for a call's static shapes (no splits in interpret mode)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    block_k = max(16, min(256, gc.next_power_of_2(_DECODE_STEP_BYTES // (2 * p.head_dim * itemsize))))
+    max_blocks = max(1, -(-max_pages * p.page_size // block_k))
+    programs = num_seqs * p.num_kv_heads
+    splits = 1 if interpret else max(1, min(max_blocks, -(-_DECODE_TARGET_PROGRAMS // programs)))
+    decode = DecodeConfig(block_k=block_k, num_splits=splits, num_warps=4, num_stages=2)
+    block_m = max(64 if p.head_dim > 128 else 128, p.group_pad)
+    prefill = PrefillConfig(block_m=block_m, block_k=64 if p.head_dim > 128 else 64,
+                            num_warps=4 if p.head_dim > 128 else 8, num_stages=2)
+    return decode, prefill
+
+
+def _check_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc) -> None:
+    if q.ndim != 3 or k_pages.ndim != 4:
+        raise ValueError(f"q must be [T, Hq, D] and k_pages [Hkv, P, page_size, D]; got q "
+                         f"{q.shape}, k_pages {k_pages.shape}")
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages {k_pages.shape} and v_pages {v_pages.shape} differ in shape")
+    if k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
+        raise ValueError(f"q, k_pages, v_pages must share a dtype; got {q.dtype}, "
+                         f"{k_pages.dtype}, {v_pages.dtype}")
+    num_kv_heads, _, page_size, head_dim = k_pages.shape
+    if q.shape[2] != head_dim:
+        raise ValueError(f"q head_dim {q.shape[2]} != k_pages head_dim {head_dim}")
+    if q.shape[1] % num_kv_heads:
+        raise ValueError(f"q heads {q.shape[1]} is not a multiple of kv heads {num_kv_heads}")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16 for the GPU kernel, got {head_dim}")
+    if page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two for the GPU kernel, got {page_size}")
+    num_seqs = kv_lens.shape[0]
+    if num_seqs < 1 or kv_lens.ndim != 1:
+        raise ValueError(f"kv_lens must be [S] with S >= 1, got shape {kv_lens.shape}")
+    if block_tables.ndim != 2 or block_tables.shape[0] != num_seqs:
+        raise ValueError(f"block_tables must be [S={num_seqs}, max_pages], got {block_tables.shape}")
+    if query_start_loc.shape != (num_seqs + 1,):
+        raise ValueError(f"query_start_loc must be [S+1={num_seqs + 1}], got {query_start_loc.shape}")
+    for name, a in (("kv_lens", kv_lens), ("block_tables", block_tables),
+                    ("query_start_loc", query_start_loc)):
+        if not jnp.issubdtype(a.dtype, jnp.integer):
+            raise ValueError(f"{name} must be an integer array, got {a.dtype}")
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window",
+                                             "max_query_len", "decode_config", "prefill_config",
+                                             "interpret"))
+def ragged_paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    kv_lens: jax.Array,
+    block_tables: jax.Array,
+    query_start_loc: jax.Array,
+    *,
+    sm_scale: float,
+    soft_cap: float | None = None,
+    sliding_window: int | None = None,
+    max_query_len: int | None = None,
+    decode_config: DecodeConfig | None = None,
+    prefill_config: PrefillConfig | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Attention of packed ragged queries over their sequences' pages (see reference.py).
+
+    `decode_config` / `prefill_config` override the default tiles; `interpret` defaults to
+    True off-GPU.
+    """
+    _check_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc)
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    if soft_cap is not None and soft_cap <= 0:
+        raise ValueError(f"soft_cap must be > 0 or None, got {soft_cap}")
+    num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
+    p = gc.AttnParams(sm_scale=float(sm_scale), soft_cap=soft_cap, sliding_window=sliding_window,
+                      num_q_heads=q.shape[1], num_kv_heads=num_kv_heads, head_dim=head_dim,
+                      page_size=page_size, num_pages=num_pages)
+    interpret = gc.interpret_mode() if interpret is None else interpret
+    decode_default, prefill_default = default_configs(p, q.dtype, kv_lens.shape[0],
+                                                      block_tables.shape[1], interpret)
+    args = (q, k_pages, v_pages, kv_lens.astype(jnp.int32), block_tables.astype(jnp.int32),
+            query_start_loc.astype(jnp.int32), p)
+    if max_query_len == 1:
+        return decode_attention(*args, decode_config or decode_default, interpret)
+    return prefill_attention(*args, prefill_config or prefill_default, max_query_len, interpret)

@@ -1,0 +1,122 @@
+"""Building blocks shared by the Pallas GPU (Triton lowering) attention kernels.
+
+Kernels see every array whole (no BlockSpecs) as flat 2-D row views -- q as [T*Hq, D], the KV
+pages as [Hkv*P*page_size, D] -- and gather the rows they need by index, so one gather per
+key block pulls several pages named by the block table. Every row gather and scatter is
+masked: masked lanes neither read nor write memory, and read as 0, which is what keeps NaN in
+pages a sequence does not own out of the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxpage import compat
+
+# Initial running max of the online softmax: finite, so a row that has seen only masked keys
+# (logit -inf) gets exp(-inf - NEG_INIT) = 0 instead of exp(-inf + inf) = NaN.
+NEG_INIT = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnParams:
+    """Static attention parameters of one call."""
+
+    sm_scale: float
+    soft_cap: float | None
+    sliding_window: int | None
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    num_pages: int
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def group_pad(self) -> int:
+        """Q heads per kv head, padded to a power of two (Triton tensor shapes)."""
+        return next_power_of_2(self.group)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def interpret_mode() -> bool:
+    """Run the kernels in Pallas interpret mode unless the default device is an NVIDIA GPU."""
+    return jax.default_backend() not in ("gpu", "cuda")
+
+
+def dot_precision(dtype) -> jax.lax.Precision:
+    """fp32 operands get true fp32 products (not TF32); bf16/f16 use the tensor cores as is."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def load_rows(ref, rows: jax.Array, mask: jax.Array) -> jax.Array:
+    """ref[rows, :] of a [N, D] ref as [len(rows), D]; rows where `mask` is False read 0."""
+    cols = jnp.arange(ref.shape[1], dtype=jnp.int32)
+    safe = jnp.where(mask, rows, 0)
+    return compat.triton_load(ref.at[safe[:, None], cols[None, :]], mask=mask[:, None], other=0)
+
+
+def store_rows(ref, rows: jax.Array, value: jax.Array, mask: jax.Array) -> None:
+    """ref[rows, :] = value for the rows where `mask` is True; other rows are left alone."""
+    cols = jnp.arange(ref.shape[1], dtype=jnp.int32)
+    # Masked lanes point past the end: nothing is written there, and under interpret mode an
+    # out-of-bounds scatter lane is dropped instead of racing with a real one.
+    safe = jnp.where(mask, rows, ref.shape[0])
+    compat.triton_store(ref.at[safe[:, None], cols[None, :]], value.astype(ref.dtype),
+                        mask=mask[:, None])
+
+
+def store_vector(ref, idx: jax.Array, value: jax.Array, mask: jax.Array) -> None:
+    """ref[idx] = value for the lanes where `mask` is True (1-D ref)."""
+    safe = jnp.where(mask, idx, ref.shape[0])
+    compat.triton_store(ref.at[safe], value.astype(ref.dtype), mask=mask)
+
+
+def kv_rows(block_table_ref, seq, kv_head, tokens: jax.Array, visible: jax.Array,
+            p: AttnParams) -> jax.Array:
+    """Row of each token of sequence `seq` in the flat [Hkv*P*page_size, D] page view."""
+    page = compat.triton_load(block_table_ref.at[seq, jnp.where(visible, tokens // p.page_size, 0)],
+                              mask=visible, other=0)
+    return (kv_head * p.num_pages + page) * p.page_size + tokens % p.page_size
+
+
+def attend_block(carry, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
+                 p: AttnParams):
+    """One online-softmax step: fold keys k/values v [BK, D] into (m, l, acc) of q [M, D].
+
+    `visible` [M, BK] (or broadcastable) says which query row sees which key; statistics and
+    accumulation are fp32.
+    """
+    m, l, acc = carry
+    precision = dot_precision(q.dtype)
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                            preferred_element_type=jnp.float32) * p.sm_scale
+    if p.soft_cap is not None:
+        s = p.soft_cap * jnp.tanh(s / p.soft_cap)
+    s = jnp.where(visible, s, -jnp.inf)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp(m - m_new)
+    probs = jnp.exp(s - m_new[:, None])
+    pv = jax.lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             precision=precision, preferred_element_type=jnp.float32)
+    return m_new, l * alpha + probs.sum(axis=1), acc * alpha[:, None] + pv
+
+
+def init_carry(rows: int, head_dim: int):
+    """(running max, running sum, accumulator) before the first key block."""
+    return (jnp.full((rows,), NEG_INIT, jnp.float32), jnp.zeros((rows,), jnp.float32),
+            jnp.zeros((rows, head_dim), jnp.float32))
+
+
+def normalize(l: jax.Array, acc: jax.Array) -> jax.Array:
+    """acc / l per row; rows that saw no key (l == 0) give 0."""
+    return jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)

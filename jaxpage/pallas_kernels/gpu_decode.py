@@ -1,0 +1,118 @@
+"""Decode path of the GPU kernel: every sequence has at most one new token (split-KV flash decoding).
+
+Grid (sequence, kv head, kv split). A program takes the single query token of its sequence
+with all q heads of its kv head (padded to a dot-friendly tile), walks its share of the
+sequence's visible pages, `block_k` tokens (several pages) per step, and keeps fp32 online
+softmax statistics. With one split it writes the normalized output; with several, each split
+writes unnormalized partials (acc, running max, running sum) that `combine_splits` merges, so a
+small batch of long sequences still fills the GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from jaxpage import compat
+from jaxpage.pallas_kernels import gpu_common as gc
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Tile and launch parameters of the decode kernel."""
+
+    block_k: int = 64        # keys per step (a power of two; may span several pages)
+    num_splits: int = 1      # kv splits per (sequence, kv head)
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _decode_kernel(qsl_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs,
+                   p: gc.AttnParams, cfg: DecodeConfig):
+    seq, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    q_row = qsl_ref[seq]
+    has_query = qsl_ref[seq + 1] > q_row
+    hi = jnp.where(has_query, kv_lens_ref[seq], 0)  # the query at position hi-1 sees keys < hi
+    lo = jnp.maximum(hi - p.sliding_window, 0) if p.sliding_window is not None else 0
+
+    # Skip whole pages below the window, then split the remaining key blocks evenly.
+    first_token = (lo // p.page_size) * p.page_size
+    num_blocks = pl.cdiv(hi - first_token, cfg.block_k)
+    per_split = pl.cdiv(num_blocks, cfg.num_splits)
+    block_lo = split * per_split
+    block_hi = jnp.minimum(block_lo + per_split, num_blocks)
+
+    g = jnp.arange(p.group_pad, dtype=jnp.int32)
+    head_ok = g < p.group
+    heads = kv_head * p.group + g
+    q = gc.load_rows(q_ref, q_row * p.num_q_heads + heads, head_ok & has_query)
+
+    def body(b, carry):
+        tokens = first_token + b * cfg.block_k + jnp.arange(cfg.block_k, dtype=jnp.int32)
+        visible = (tokens >= lo) & (tokens < hi)
+        rows = gc.kv_rows(bt_ref, seq, kv_head, tokens, visible, p)
+        k = gc.load_rows(k_ref, rows, visible)
+        v = gc.load_rows(v_ref, rows, visible)
+        return gc.attend_block(carry, q, k, v, visible[None, :], p)
+
+    m, l, acc = jax.lax.fori_loop(block_lo, block_hi, body, gc.init_carry(p.group_pad, p.head_dim))
+
+    if cfg.num_splits == 1:
+        (o_ref,) = out_refs
+        gc.store_rows(o_ref, seq * p.num_q_heads + heads, gc.normalize(l, acc), head_ok)
+    else:
+        o_ref, m_ref, l_ref = out_refs
+        rows = (seq * cfg.num_splits + split) * p.num_q_heads + heads
+        gc.store_rows(o_ref, rows, acc, head_ok)
+        gc.store_vector(m_ref, rows, m, head_ok)
+        gc.store_vector(l_ref, rows, l, head_ok)
+
+
+def combine_splits(o: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
+    """Merge per-split partials o [S, splits, Hq, D], m/l [S, splits, Hq] into [S, Hq, D]."""
+    m_max = m.max(axis=1, keepdims=True)
+    w = jnp.exp(m - m_max)
+    l_sum = (l * w).sum(axis=1)
+    o_sum = (o * w[..., None]).sum(axis=1)
+    return jnp.where(l_sum[..., None] > 0, o_sum / jnp.where(l_sum > 0, l_sum, 1.0)[..., None], 0.0)
+
+
+def decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: jax.Array,
+                     block_tables: jax.Array, query_start_loc: jax.Array, p: gc.AttnParams,
+                     cfg: DecodeConfig, interpret: bool) -> jax.Array:
+    """Attention for a batch where no sequence has more than one new token; returns [T, Hq, D]."""
+    num_tokens = q.shape[0]
+    num_seqs = kv_lens.shape[0]
+    kernel = functools.partial(_decode_kernel, p=p, cfg=cfg)
+    if cfg.num_splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((num_seqs * p.num_q_heads, p.head_dim), q.dtype)]
+    else:
+        rows = num_seqs * cfg.num_splits * p.num_q_heads
+        out_shape = [jax.ShapeDtypeStruct((rows, p.head_dim), jnp.float32),
+                     jax.ShapeDtypeStruct((rows,), jnp.float32),
+                     jax.ShapeDtypeStruct((rows,), jnp.float32)]
+    outs = pl.pallas_call(
+        kernel,
+        grid=(num_seqs, p.num_kv_heads, cfg.num_splits),
+        out_shape=out_shape,
+        compiler_params=compat.triton_compiler_params(num_warps=cfg.num_warps,
+                                                      num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=f"jaxpage_decode_bk{cfg.block_k}_s{cfg.num_splits}",
+    )(query_start_loc, kv_lens, block_tables,
+      q.reshape(-1, p.head_dim), k_pages.reshape(-1, p.head_dim), v_pages.reshape(-1, p.head_dim))
+    if cfg.num_splits == 1:
+        per_seq = outs[0].reshape(num_seqs, p.num_q_heads, p.head_dim)
+    else:
+        o, m, l = outs
+        shape = (num_seqs, cfg.num_splits, p.num_q_heads)
+        per_seq = combine_splits(o.reshape(*shape, p.head_dim), m.reshape(shape),
+                                 l.reshape(shape)).astype(q.dtype)
+    # Sequence s owns packed row query_start_loc[s] if it has a token; all other rows are 0.
+    has_query = query_start_loc[1:] > query_start_loc[:-1]
+    dest = jnp.where(has_query, query_start_loc[:-1], num_tokens)
+    return jnp.zeros_like(q).at[dest].set(per_seq, mode="drop")

@@ -1,0 +1,155 @@
+"""The Pallas GPU kernel (jaxpage/pallas_kernels/gpu.py) against the float64 reference.
+
+On CPU the kernels run in Pallas interpret mode: small shapes, ragged batches with padding slots
+and padding rows, pages in random order and NaN in every slot a sequence does not own. Tests
+marked `gpu` compile the real Triton kernels and are skipped without an NVIDIA GPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attention_cases import make_case, reference_attention, relative_error
+from jaxpage.pallas_kernels import gpu
+from jaxpage.pallas_kernels.gpu_decode import DecodeConfig
+from jaxpage.pallas_kernels.gpu_prefill import PrefillConfig
+
+WINDOW = 16
+# Decode: kv lengths 1, page boundary -1/0/+1, a window that drops part of a page, one that
+# drops whole pages exactly; two padding slots and padding rows past the last token.
+DECODE = dict(q_lens=[1, 1, 1, 1, 1, 1], kv_lens=[1, 15, 16, 17, 33, 48], num_seq_slots=8,
+              num_tokens=9)
+# Mixed: decode tokens, a whole prompt, prefill chunks after cached prefixes, a chunk ending on
+# a page boundary +1, one padding slot and padding rows.
+MIXED = dict(q_lens=[1, 7, 16, 17, 3], kv_lens=[9, 7, 40, 17, 33], num_seq_slots=6, num_tokens=50)
+PATHS = {"decode": (DECODE, 1), "prefill": (MIXED, None)}
+TOLERANCE = {np.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def run_kernel(case, *, sm_scale=0.2, soft_cap=None, sliding_window=None, max_query_len=None,
+               **configs) -> np.ndarray:
+    args = [jnp.asarray(a) for a in (case.q, case.k_pages, case.v_pages, case.kv_lens,
+                                     case.block_tables, case.query_start_loc)]
+    out = gpu.ragged_paged_attention(*args, sm_scale=sm_scale, soft_cap=soft_cap,
+                                     sliding_window=sliding_window, max_query_len=max_query_len,
+                                     **configs)
+    return np.asarray(out.astype(jnp.float32))
+
+
+def check(case, out, *, dtype=np.float32, sm_scale=0.2, soft_cap=None, sliding_window=None):
+    ref = reference_attention(case, sm_scale=sm_scale, soft_cap=soft_cap,
+                              sliding_window=sliding_window)
+    total = int(case.query_start_loc[-1])
+    assert relative_error(out[:total], ref[:total]) <= TOLERANCE[dtype]
+    assert np.all(out[total:] == 0), "padding rows must be zero"
+
+
+def new_case(seed, spec, *, group, num_kv_heads=2, head_dim=32, page_size=16, dtype=np.float32):
+    return make_case(np.random.default_rng(seed), num_q_heads=group * num_kv_heads,
+                     num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
+                     dtype=dtype, **spec)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("soft_cap,window", [(None, None), (5.0, WINDOW)])
+def test_matches_reference_for_every_gqa_ratio(path, group, soft_cap, window):
+    spec, max_query_len = PATHS[path]
+    case = new_case(group, spec, group=group)
+    out = run_kernel(case, soft_cap=soft_cap, sliding_window=window, max_query_len=max_query_len)
+    check(case, out, soft_cap=soft_cap, sliding_window=window)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("soft_cap,window", [(5.0, None), (None, WINDOW)])
+def test_soft_cap_and_window_each_on_their_own(path, soft_cap, window):
+    spec, max_query_len = PATHS[path]
+    case = new_case(7, spec, group=2)
+    out = run_kernel(case, soft_cap=soft_cap, sliding_window=window, max_query_len=max_query_len)
+    check(case, out, soft_cap=soft_cap, sliding_window=window)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5])
+def test_decode_kv_splits_combine_to_the_reference(num_splits):
+    # 5 splits over at most 3 key blocks of 16 leaves some splits empty.
+    case = new_case(11, DECODE, group=4)
+    out = run_kernel(case, sliding_window=40, max_query_len=1,
+                     decode_config=DecodeConfig(block_k=16, num_splits=num_splits))
+    check(case, out, sliding_window=40)
+
+
+def test_prefill_tiles_split_long_chunks_and_skip_pages_outside_the_window():
+    # block_m=16 with group 2 -> 8 query rows per tile: chunks of 16/17 rows span several tiles,
+    # and key blocks of 16 put window and causal edges inside blocks.
+    case = new_case(12, MIXED, group=2)
+    cfg = PrefillConfig(block_m=16, block_k=16)
+    for window in (None, 5):
+        out = run_kernel(case, sliding_window=window, soft_cap=3.0, prefill_config=cfg)
+        check(case, out, sliding_window=window, soft_cap=3.0)
+
+
+def test_prefill_path_also_serves_pure_decode_batches():
+    case = new_case(13, DECODE, group=2)
+    out = run_kernel(case, sliding_window=WINDOW, max_query_len=None)
+    check(case, out, sliding_window=WINDOW)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_bf16_with_larger_pages_and_head_dim(path):
+    spec, max_query_len = PATHS[path]
+    case = new_case(14, spec, group=2, head_dim=64, page_size=32, dtype=jnp.bfloat16)
+    out = run_kernel(case, sm_scale=0.125, soft_cap=50.0, sliding_window=WINDOW,
+                     max_query_len=max_query_len)
+    check(case, out, dtype=jnp.bfloat16, sm_scale=0.125, soft_cap=50.0, sliding_window=WINDOW)
+
+
+def test_unowned_pages_do_not_change_the_output():
+    # Same batch with unowned slots zeroed instead of NaN: outputs must be bit-identical.
+    kwargs = dict(num_q_heads=4, num_kv_heads=2, head_dim=32, page_size=16, **MIXED)
+    nan_case = make_case(np.random.default_rng(15), nan_unowned=True, **kwargs)
+    zero_case = make_case(np.random.default_rng(15), nan_unowned=False, **kwargs)
+    np.testing.assert_array_equal(run_kernel(nan_case, max_query_len=17),
+                                  run_kernel(zero_case, max_query_len=17))
+
+
+def test_bad_inputs_raise_errors_naming_the_problem():
+    case = new_case(16, DECODE, group=2)
+    args = [jnp.asarray(a) for a in (case.q, case.k_pages, case.v_pages, case.kv_lens,
+                                     case.block_tables, case.query_start_loc)]
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        gpu.ragged_paged_attention(args[0][:, :3], *args[1:], sm_scale=1.0)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        gpu.ragged_paged_attention(*args[:5], args[5][:-1], sm_scale=1.0)
+    with pytest.raises(ValueError, match="share a dtype"):
+        gpu.ragged_paged_attention(args[0].astype(jnp.bfloat16), *args[1:], sm_scale=1.0)
+    with pytest.raises(ValueError, match="head_dim must be a power of two"):
+        gpu.ragged_paged_attention(*(a[..., :24] for a in args[:3]), *args[3:], sm_scale=1.0)
+
+
+requires_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("head_dim,group", [(256, 2), (128, 2), (256, 4)])
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_compiled_kernel_matches_reference_on_gpu(path, head_dim, group):
+    spec, max_query_len = PATHS[path]
+    for dtype in (np.float32, jnp.bfloat16):
+        case = new_case(17, spec, group=group, num_kv_heads=4, head_dim=head_dim, dtype=dtype)
+        out = run_kernel(case, sm_scale=head_dim**-0.5, soft_cap=50.0, sliding_window=WINDOW,
+                         max_query_len=max_query_len, interpret=False)
+        check(case, out, dtype=dtype, sm_scale=head_dim**-0.5, soft_cap=50.0,
+              sliding_window=WINDOW)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("num_splits", [1, 3, 16])
+def test_compiled_decode_splits_on_gpu(num_splits):
+    case = new_case(18, dict(q_lens=[1] * 5, kv_lens=[1, 16, 17, 300, 1000], num_seq_slots=7),
+                    group=2, num_kv_heads=4, head_dim=256, dtype=jnp.bfloat16)
+    out = run_kernel(case, sm_scale=0.0625, soft_cap=50.0, max_query_len=1, interpret=False,
+                     decode_config=DecodeConfig(block_k=64, num_splits=num_splits))
+    check(case, out, dtype=jnp.bfloat16, sm_scale=0.0625, soft_cap=50.0)
