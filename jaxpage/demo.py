@@ -1,0 +1,106 @@
+"""The built-in demo model: a tiny randomly initialised Gemma 3 plus its own small tokenizer.
+
+`jaxpage serve` with no checkpoint serves this, so a fresh clone runs end to end. The checkpoint
+is made on first use in the cache ($JAXPAGE_CACHE, default ~/.cache/jaxpage) and reused after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import jaxpage
+from jaxpage.models.config import get_config
+
+DEMO_MODEL = "gemma3-demo"
+DEMO_SEED = 0
+CORPUS_ASSET = "demo_corpus.txt"
+
+# SentencePiece training options, Gemma-like: BPE, byte fallback, digits split, no text
+# normalisation and no dummy-prefix space, Gemma's special ids and turn markers.
+TOKENIZER_OPTIONS = dict(
+    model_type="bpe", vocab_size=1024, byte_fallback=True, split_digits=True,
+    normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+    allow_whitespace_only_pieces=True, character_coverage=1.0,
+    pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+    pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+    user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+    num_threads=1, minloglevel=2,
+)
+
+
+def cache_root() -> Path:
+    """$JAXPAGE_CACHE, or ~/.cache/jaxpage."""
+    env = os.environ.get("JAXPAGE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "jaxpage"
+
+
+def demo_version() -> str:
+    """Names one exact demo recipe: changes whenever corpus, tokenizer options, seed, config
+    or checkpoint format change, so a stale cached demo is never reused."""
+    from jaxpage.checkpoint import FORMAT_VERSION  # noqa: PLC0415
+
+    recipe = repr((sorted(TOKENIZER_OPTIONS.items()), DEMO_SEED, get_config(DEMO_MODEL).to_json(),
+                   FORMAT_VERSION)).encode() + _corpus_bytes()
+    return f"{jaxpage.__version__}-{hashlib.sha256(recipe).hexdigest()[:10]}"
+
+
+def demo_checkpoint_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Directory of the demo checkpoint (made by `save_checkpoint`, with tokenizer.model),
+    created on first call. Safe when several processes call it at once: each builds in a
+    private temporary directory and renames it into place; the first rename wins."""
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    final = root / f"demo-{demo_version()}"
+    if final.is_dir():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        built = _build_demo_checkpoint(work / "checkpoint")
+        try:
+            os.rename(built, final)
+        except OSError:
+            if not final.is_dir():  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def build_demo_tokenizer(dst: str | os.PathLike) -> Path:
+    """Train the demo SentencePiece model (vocab 1024, Gemma special ids) from the shipped corpus."""
+    import sentencepiece as spm  # noqa: PLC0415
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_corpus_bytes().decode().splitlines()),
+                                   model_writer=model, **TOKENIZER_OPTIONS)
+    dst = Path(dst)
+    dst.write_bytes(model.getvalue())
+    return dst
+
+
+def _build_demo_checkpoint(dst: Path) -> Path:
+    import jax.numpy as jnp  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+
+    from jaxpage.checkpoint import save_checkpoint  # noqa: PLC0415
+    from jaxpage.models.gemma import Gemma  # noqa: PLC0415
+    from jaxpage.tokenizer import Tokenizer  # noqa: PLC0415
+
+    config = get_config(DEMO_MODEL)
+    tokenizer_path = build_demo_tokenizer(dst.parent / "tokenizer.model")
+    vocab = Tokenizer(tokenizer_path).vocab_size
+    if vocab != config.vocab_size:
+        raise RuntimeError(f"demo tokenizer has {vocab} pieces but {DEMO_MODEL} expects "
+                           f"{config.vocab_size}")
+    model = Gemma(config, dtype=jnp.float32, rngs=nnx.Rngs(DEMO_SEED))
+    return save_checkpoint(model, config, dst, tokenizer_path=tokenizer_path)
+
+
+def _corpus_bytes() -> bytes:
+    return resources.files("jaxpage").joinpath("assets", CORPUS_ASSET).read_bytes()
