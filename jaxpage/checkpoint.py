@@ -13,6 +13,7 @@ Params are addressed by '/'-joined paths such as "layers/3/attn/kv_proj" through
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -68,16 +69,21 @@ def abstract_model(config: GemmaConfig, dtype=jnp.float32) -> Gemma:
     return nnx.eval_shape(lambda: Gemma(config, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
+@functools.lru_cache(maxsize=16)
+def _param_shapes(config: GemmaConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    state = nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
+    return tuple((path, tuple(leaf.shape)) for path, leaf in flatten_params(state).items())
+
+
 def param_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
     """Shape of every param of the model described by `config`, by path."""
-    state = nnx.state(abstract_model(config), nnx.Param).to_pure_dict()
-    return {path: tuple(leaf.shape) for path, leaf in flatten_params(state).items()}
+    return dict(_param_shapes(config))
 
 
-def check_param_shapes(shapes: Mapping[str, tuple[int, ...]], config: GemmaConfig,
-                       where: str) -> None:
+def check_param_shapes(shapes: Mapping[str, tuple[int, ...]], config: GemmaConfig, where: str,
+                       expected: Mapping[str, tuple[int, ...]] | None = None) -> None:
     """Raise CheckpointError unless `shapes` has exactly the config's params and shapes."""
-    expected = param_shapes(config)
+    expected = param_shapes(config) if expected is None else expected
     missing = sorted(set(expected) - set(shapes))
     if missing:
         raise CheckpointError(f"{where}: missing params for config {config.name!r}: "
@@ -87,9 +93,9 @@ def check_param_shapes(shapes: Mapping[str, tuple[int, ...]], config: GemmaConfi
         raise CheckpointError(f"{where}: params not in config {config.name!r}: "
                               f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
     for path, shape in expected.items():
-        if tuple(shapes[path]) != shape:
+        if tuple(shapes[path]) != tuple(shape):
             raise CheckpointError(f"{where}: param {path} has shape {tuple(shapes[path])} but "
-                                  f"config {config.name!r} expects {shape}")
+                                  f"config {config.name!r} expects {tuple(shape)}")
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
@@ -112,7 +118,7 @@ def _as_flat_params(model_or_state) -> dict[str, Any]:
     if isinstance(model_or_state, nnx.Module):
         model_or_state = nnx.state(model_or_state, nnx.Param)
     if isinstance(model_or_state, nnx.State):
-        model_or_state = model_or_state.to_pure_dict()
+        model_or_state = nnx.to_pure_dict(model_or_state)
     if not isinstance(model_or_state, Mapping):
         raise TypeError("save_checkpoint wants a Gemma model, an nnx.State or a dict of params, "
                         f"got {type(model_or_state).__name__}")
@@ -177,11 +183,16 @@ def read_config(path: str | Path) -> GemmaConfig:
         raise CheckpointError(f"{path / CONFIG_FILE}: bad config: {e}") from None
 
 
+def metadata_tree(meta) -> Mapping:
+    """The tree of array metadata inside what `Checkpointer.metadata` returns (the tree itself
+    in older Orbax, a StepMetadata / TreeMetadata wrapper in newer)."""
+    tree = getattr(meta, "item_metadata", meta)
+    return getattr(tree, "tree", tree)
+
+
 def _stored_shapes(params_dir: Path) -> dict[str, tuple[int, ...]]:
     with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(params_dir)
-    tree = getattr(meta, "item_metadata", meta)  # StepMetadata in newer Orbax, the tree in older
-    tree = getattr(tree, "tree", tree)
+        tree = metadata_tree(ckptr.metadata(params_dir))
     return {p: tuple(leaf.shape) for p, leaf in flatten_params(tree).items()}
 
 
@@ -219,13 +230,13 @@ def load_checkpoint(path: str | Path, *, dtype="bfloat16",
         stored = _stored_shapes(params_dir)
     except (OSError, ValueError, FileNotFoundError) as e:
         raise CheckpointError(f"{params_dir}: cannot read the Orbax checkpoint: {e}") from None
-    check_param_shapes(stored, config, str(params_dir))
-
     graphdef, state = nnx.split(abstract_model(config, dtype))
+    abstract = flatten_params(nnx.to_pure_dict(state))
+    check_param_shapes(stored, config, str(params_dir),
+                       expected={p: leaf.shape for p, leaf in abstract.items()})
     place = _sharding_for(sharding)
-    target = unflatten_params({
-        p: jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=place(p))
-        for p, leaf in flatten_params(state.to_pure_dict()).items()})
+    target = unflatten_params({p: jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=place(p))
+                               for p, leaf in abstract.items()})
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(params_dir, target)
     nnx.replace_by_pure_dict(state, restored)

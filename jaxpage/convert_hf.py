@@ -17,7 +17,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from jaxpage.convert_common import ConversionError, ParamBuilder
-from jaxpage.models.config import GLOBAL, LOCAL, GemmaConfig
+from jaxpage.models.config import CONFIGS, GLOBAL, LOCAL, GemmaConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 # Text-decoder key prefixes, most specific first (Gemma3ForConditionalGeneration in transformers
@@ -180,8 +180,25 @@ def read_hf_config(src: Path, name: str | None = None) -> tuple[GemmaConfig, boo
         )
     except (TypeError, ValueError, KeyError) as e:
         raise ConversionError(f"{where}: {e}") from None
+    if name in CONFIGS:
+        _check_registry(config, CONFIGS[name], where)
     tied = top.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
     return config, tied is not False
+
+
+_ARCHITECTURE = ("family", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                 "ffw_hidden", "layer_types", "sliding_window", "query_pre_attn_scalar",
+                 "attn_logit_softcap", "final_logit_softcap", "use_qk_norm", "rope_local_base",
+                 "rope_global_base", "rope_global_scale", "rope_local_scale")
+
+
+def _check_registry(config: GemmaConfig, registered: GemmaConfig, where: Path) -> None:
+    """--model NAME of a registry model: config.json must describe that architecture."""
+    diff = [f"{f}={getattr(config, f)!r} (registry: {getattr(registered, f)!r})"
+            for f in _ARCHITECTURE if getattr(config, f) != getattr(registered, f)]
+    if diff:
+        raise ConversionError(f"{where} does not describe --model {registered.name}: "
+                              + "; ".join(diff))
 
 
 # -- weights ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
+from jaxpage.checkpoint import metadata_tree
 from jaxpage.convert_common import ConversionError, ParamBuilder, is_float_dtype
 from jaxpage.models.config import CONFIGS, GemmaConfig, get_config
 
@@ -47,8 +48,7 @@ def read_orbax(src: Path) -> dict[str, np.ndarray]:
     """Every array of the Orbax checkpoint at `src` as numpy, by '/'-joined path."""
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
-            meta = ckptr.metadata(src.absolute())
-            tree = getattr(meta, "tree", meta)
+            tree = metadata_tree(ckptr.metadata(src.absolute()))
             restore_args = {k: ocp.RestoreArgs(restore_type=np.ndarray)
                             for k in flatten(tree)}
             restored = ckptr.restore(src.absolute(), args=ocp.args.PyTreeRestore(
@@ -166,17 +166,26 @@ def _pieces(path: str, w: np.ndarray, c: GemmaConfig, rules, where: str) -> Piec
 
 
 def convert_official(src: Path, builder_for: Callable[[GemmaConfig], ParamBuilder], *,
-                     model: str | None = None) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
-    """Read the official checkpoint in `src`; returns its config and the converted params."""
+                     model: str | GemmaConfig | None = None,
+                     ) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
+    """Read the official checkpoint in `src`; returns its config and the converted params.
+
+    `model` is a registry name or a GemmaConfig; None infers it from the shapes.
+    """
     weights = read_orbax(src)
     weights = {k: v for k, v in weights.items() if k.startswith(PREFIX) and not k.startswith(SKIP)}
     if not weights:
         raise ConversionError(f"{src}: the Orbax checkpoint has no {PREFIX}* params "
                               "(not an official Gemma checkpoint)")
-    try:
-        config = get_config(model) if model else infer_config(weights, src)
-    except ValueError as e:
-        raise ConversionError(str(e)) from None
+    if isinstance(model, GemmaConfig):
+        config = model
+    elif model:
+        try:
+            config = get_config(model)
+        except ValueError as e:
+            raise ConversionError(f"--model: {e}") from None
+    else:
+        config = infer_config(weights, src)
     rules = _layer_rules(config)
     builder = builder_for(config)
     for path in tqdm(sorted(weights), desc="converting", unit="tensor", disable=None):
