@@ -22,6 +22,7 @@ class EngineConfig:
     kv_cache_dtype: str | None = None     # None: the model's dtype
     seed: int = 0                         # seeds requests that bring none
     compilation_cache_dir: str | None = "default"  # JAX persistent cache; None turns it off
+    precompile: bool = True               # compile every bucket at start-up (False: on first use)
     compile_workers: int = 8
 
     def __post_init__(self) -> None:

@@ -74,7 +74,7 @@ class LLMEngine:
         self.backend = resolve_backend(self.config.attention_backend)
         self.max_model_len = min(self.config.max_model_len or self.model_config.max_context,
                                  self.model_config.max_context)
-        kv_dtype = jnp.dtype(self.config.kv_cache_dtype or model.embedder.embedding.value.dtype)
+        kv_dtype = jnp.dtype(self.config.kv_cache_dtype or model.embedder.embedding.get_value().dtype)
         num_pages = plan_num_pages(
             self.model_config, page_size=self.config.page_size, kv_bytes=self._free_kv_bytes(model),
             num_pages=self.config.num_pages, max_num_seqs=self.config.max_num_seqs,
@@ -90,11 +90,12 @@ class LLMEngine:
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             max_model_len=self.max_model_len, backend=self.backend, kv_dtype=kv_dtype,
-            compile_workers=self.config.compile_workers)
+            compile_workers=self.config.compile_workers, precompile=self.config.precompile)
         log.info("KV cache: %s pages of %d tokens; attention backend %s",
                  num_pages, self.config.page_size, self.backend)
-        self.runner.compile_all()
-        log.info("start-up compilation took %.1f s", self.runner.compile_seconds)
+        if self.config.precompile:
+            self.runner.compile_all()
+            log.info("start-up compilation took %.1f s", self.runner.compile_seconds)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._seed_rng = random.Random(self.config.seed)
@@ -316,7 +317,7 @@ class LLMEngine:
             return 512 << 20  # host platforms report no limit: a modest default
         c = self.model_config
         tokens = self.config.max_num_batched_tokens
-        act_bytes = jnp.dtype(model.embedder.embedding.value.dtype).itemsize
+        act_bytes = jnp.dtype(model.embedder.embedding.get_value().dtype).itemsize
         activations = 4 * tokens * (2 * c.d_model + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
                                     + 3 * c.ffw_hidden) * act_bytes
         logits = 3 * self.config.max_num_seqs * c.vocab_size * 4

@@ -105,9 +105,10 @@ class ModelRunner:
 
     def __init__(self, model: Gemma, *, num_pages: dict[str, int], page_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 backend: str, kv_dtype=jnp.bfloat16, compile_workers: int = 8):
+                 backend: str, kv_dtype=jnp.bfloat16, compile_workers: int = 8,
+                 precompile: bool = True):
         self.config = model.config
-        self.act_dtype = model.embedder.embedding.value.dtype
+        self.act_dtype = model.embedder.embedding.get_value().dtype
         self.graphdef, self.state = nnx.split(model)
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
@@ -120,6 +121,7 @@ class ModelRunner:
         self._forward: dict[tuple[int, bool], object] = {}
         self._sample: dict[sampler.SamplerPlan, object] = {}
         self._compile_workers = compile_workers
+        self.precompile = precompile
         self.compile_seconds = 0.0
 
     # -- buckets and layouts ---------------------------------------------------------------------
@@ -162,29 +164,38 @@ class ModelRunner:
     def compile_all(self) -> float:
         """Lower and compile every forward bucket and sampler plan; returns seconds taken."""
         t0 = time.perf_counter()
-        lowered = {}
-        for t, decode in self._variants():
-            layout = self.step_layout(t)
-            fn = jax.jit(self._forward_fn(t, decode), donate_argnums=(1,))
-            lowered[("forward", t, decode)] = fn.lower(
-                self.state, self.kv_caches, jax.ShapeDtypeStruct((layout.size,), jnp.int32))
         seq_buckets = sorted({self.seq_bucket(t) for t in self.token_buckets})
-        for plan in sampler.all_plans(seq_buckets, self.max_model_len):
-            rows = self.row_layout(plan.num_rows)
-            lowered[("sample", plan)] = jax.jit(self._sample_fn(plan)).lower(
-                self.state, jax.ShapeDtypeStruct((plan.num_rows, self.config.d_model), self.act_dtype),
-                jax.ShapeDtypeStruct((rows.size,), jnp.int32), self._extra_specs(plan))
+        keys = [("forward", v) for v in self._variants()] + [
+            ("sample", p) for p in sampler.all_plans(seq_buckets, self.max_model_len)]
+        lowered = [self._lower(kind, key) for kind, key in keys]
         with concurrent.futures.ThreadPoolExecutor(self._compile_workers) as pool:
-            compiled = dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
-        for key, exe in compiled.items():
-            if key[0] == "forward":
-                self._forward[key[1:]] = exe
-            else:
-                self._sample[key[1]] = exe
+            for (kind, key), exe in zip(keys, pool.map(lambda low: low.compile(), lowered)):
+                (self._forward if kind == "forward" else self._sample)[key] = exe
         self.compile_seconds = time.perf_counter() - t0
         log.info("compiled %d forward buckets and %d sampler plans in %.1f s",
                  len(self._forward), len(self._sample), self.compile_seconds)
         return self.compile_seconds
+
+    def _lower(self, kind: str, key):
+        if kind == "forward":
+            t, decode = key
+            size = self.step_layout(t).size
+            return jax.jit(self._forward_fn(t, decode), donate_argnums=(1,)).lower(
+                self.state, self.kv_caches, jax.ShapeDtypeStruct((size,), jnp.int32))
+        plan, rows = key, self.row_layout(key.num_rows)
+        return jax.jit(self._sample_fn(plan)).lower(
+            self.state, jax.ShapeDtypeStruct((plan.num_rows, self.config.d_model), self.act_dtype),
+            jax.ShapeDtypeStruct((rows.size,), jnp.int32), self._extra_specs(plan))
+
+    def _executable(self, kind: str, key):
+        table = self._forward if kind == "forward" else self._sample
+        if key not in table:
+            if self.precompile:
+                raise KeyError(f"no compiled {kind} executable for {key}: a bucket was missed")
+            t0 = time.perf_counter()
+            table[key] = self._lower(kind, key).compile()
+            self.compile_seconds += time.perf_counter() - t0
+        return table[key]
 
     def _forward_fn(self, num_tokens_bucket: int, decode_only: bool):
         graphdef, backend, groups = self.graphdef, self.backend, self.groups
@@ -218,7 +229,7 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput, rows: Seq[sampler.RowSpec], kv_manager) -> StepResult:
         """Run one scheduled step; blocks only on the sampled ids coming back."""
         t = self.bucket_for(sched.num_tokens)
-        decode_only = sched.is_decode_only and (t, True) in self._forward
+        decode_only = sched.is_decode_only and (t, True) in self._variants()
         buf, v = self.step_layout(t).new_buffer()
         pos = 0
         for i, item in enumerate(sched.scheduled):
@@ -241,9 +252,10 @@ class ModelRunner:
             else:
                 extra[name] = arr
 
-        hidden_last, row_inputs, self.kv_caches = self._forward[(t, decode_only)](
+        hidden_last, row_inputs, self.kv_caches = self._executable("forward", (t, decode_only))(
             self.state, self.kv_caches, jax.device_put(buf))
-        out = self._sample[plan](self.state, hidden_last, row_inputs, jax.device_put(extra))
+        out = self._executable("sample", plan)(self.state, hidden_last, row_inputs,
+                                               jax.device_put(extra))
         n = len(sched.scheduled)
         host = jax.device_get(out)
         if plan.num_logprobs:

@@ -1,5 +1,7 @@
 import os
+from pathlib import Path
 
-# Tests run on the CPU; keep XLA from grabbing every core per process when xdist runs workers.
+# Tests run on the CPU. Compiled programs and demo assets are cached under .cache/ in the
+# checkout (git-ignored), shared by the xdist workers and reused by later runs.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+os.environ.setdefault("JAXPAGE_CACHE", str(Path(__file__).resolve().parent.parent / ".cache"))
