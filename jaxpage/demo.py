@@ -72,13 +72,14 @@ def demo_checkpoint_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return final
 
 
-def build_demo_tokenizer(dst: str | os.PathLike) -> Path:
-    """Train the demo SentencePiece model (vocab 1024, Gemma special ids) from the shipped corpus."""
+def build_demo_tokenizer(dst: str | os.PathLike, **overrides) -> Path:
+    """Train the demo SentencePiece model (vocab 1024, Gemma's special ids) from the corpus;
+    `overrides` change TOKENIZER_OPTIONS (e.g. to make tokenizers of other kinds for tests)."""
     import sentencepiece as spm  # noqa: PLC0415
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(_corpus_bytes().decode().splitlines()),
-                                   model_writer=model, **TOKENIZER_OPTIONS)
+                                   model_writer=model, **{**TOKENIZER_OPTIONS, **overrides})
     dst = Path(dst)
     dst.write_bytes(model.getvalue())
     return dst

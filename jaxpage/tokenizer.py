@@ -1,4 +1,4 @@
-"""Text <-> token ids: SentencePiece tokenizer, streaming detokenizer, stop strings, Gemma chat template."""
+"""Text <-> token ids: SentencePiece tokenizer, streaming detokenizer, stop strings, chat format."""
 
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ class Tokenizer:
         turn_ids = {i for i in (self.start_of_turn_id, self.end_of_turn_id) if i is not None}
         self.special_ids: frozenset[int] = self._control_ids | turn_ids
         self._dummy_prefix = sp.encode("a", out_type=str)[0].startswith("\u2581")
+        self._byte_values = {i: int(sp.id_to_piece(i)[3:5], 16)
+                             for i in range(self.vocab_size) if sp.is_byte(i)}
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -51,6 +53,10 @@ class Tokenizer:
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(self._check_ids([token_id])[0])
+
+    def byte_value(self, token_id: int) -> int | None:
+        """The byte a byte-fallback piece ("<0xE2>") stands for; None for other pieces."""
+        return self._byte_values.get(token_id)
 
     def piece_to_id(self, piece: str) -> int:
         """Id of an exact vocabulary piece; ValueError if the vocabulary has no such piece."""
@@ -61,13 +67,14 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`, with <bos> first when add_bos (never twice: a literal leading
-        "<bos>" in the text already is the BOS). Control tokens spelled out ("<eos>") become their id."""
+        "<bos>" in the text already is the BOS). Spelled-out control tokens ("<eos>") become ids."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise ValueError(f"text is not valid Unicode: {e.reason} at position {e.start}") from None
+            why = f"{e.reason} at position {e.start}"
+            raise ValueError(f"text is not valid Unicode: {why}") from None
         ids: list[int] = []
         pos = 0
         matches = self._control_pattern.finditer(text) if self._control_pattern else ()
@@ -99,7 +106,8 @@ class Tokenizer:
                 text = self._sp.decode(run)
                 # SentencePiece drops the dummy-prefix space of the first piece it decodes;
                 # only text at the very start (control tokens aside) should lose it.
-                if after_text and self._dummy_prefix and self._sp.id_to_piece(run[0]).startswith("\u2581"):
+                starts_with_space = self._sp.id_to_piece(run[0]).startswith("\u2581")
+                if after_text and self._dummy_prefix and starts_with_space:
                     text = " " + text
                 out.append(text)
                 after_text = after_text or bool(text)
@@ -109,14 +117,17 @@ class Tokenizer:
         return "".join(out)
 
     def _check_ids(self, ids: Iterable[int]) -> list[int]:
-        try:
-            ids = [operator.index(i) for i in ids]
-        except TypeError:
-            raise TypeError(f"token ids must be integers, got {ids!r}") from None
+        checked = []
         for i in ids:
+            try:
+                i = operator.index(i)
+            except TypeError:
+                raise TypeError(f"token ids must be integers, got {i!r}") from None
             if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is out of range for a vocabulary of {self.vocab_size}")
-        return ids
+                raise ValueError(f"token id {i} is out of range for a vocabulary of "
+                                 f"{self.vocab_size}")
+            checked.append(i)
+        return checked
 
     def _piece_id(self, piece: str) -> int | None:
         token_id = self._sp.piece_to_id(piece)
@@ -134,24 +145,30 @@ class IncrementalDetokenizer:
 
     Each step decodes only a short window: the ids since the start of the previous delta (plus a
     few prompt ids at first, so a first token's leading space comes out as it would in context).
-    Text that ends in an incomplete UTF-8 character is held back until the character completes;
-    call `flush()` when the sequence ends to get whatever is still held.
+    Byte-fallback pieces that begin a UTF-8 character not yet complete are held back until it
+    completes or cannot any more; `flush()` at the end of the sequence returns anything held.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), *,
                  skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        context = list(tokenizer._check_ids(prompt_ids[-PROMPT_CONTEXT_TOKENS:]))
-        while context and self._decode(context).endswith(REPLACEMENT_CHAR):
-            context.pop()  # a prompt cut inside a character: don't let generated bytes mend it
+        context = tokenizer._check_ids(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
+        if skip_special_tokens:  # they decode to nothing, so leaving them out changes nothing
+            context = [i for i in context if i not in tokenizer.special_ids]
+        # A prompt cut inside a character: don't let generated bytes mend it.
+        while unfinished := self._unfinished_char_len(context):
+            context = context[:-unfinished]
         self._ids = context
         self._prefix_offset = 0  # start of the window that is re-decoded each step
-        self._read_offset = len(context)  # ids before this are already in emitted text
+        self._read_offset = len(self._ids)  # ids before this are already in emitted text
 
     def step(self, token_id: int) -> str:
         """Append one generated id; returns the text it completes ("" while held back)."""
-        self._ids.extend(self.tokenizer._check_ids([token_id]))
+        (token_id,) = self.tokenizer._check_ids([token_id])
+        if self.skip_special_tokens and token_id in self.tokenizer.special_ids:
+            return ""
+        self._ids.append(token_id)
         return self._emit(final=False)
 
     def flush(self) -> str:
@@ -161,13 +178,45 @@ class IncrementalDetokenizer:
     def _emit(self, final: bool) -> str:
         prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
         text = self._decode(self._ids[self._prefix_offset:])
-        if len(text) <= len(prefix) or (text.endswith(REPLACEMENT_CHAR) and not final):
+        read_to = len(self._ids)
+        held = 0 if final else self._unfinished_char_len(self._ids)
+        if held:
+            # SentencePiece shows each byte of an unfinished character as one U+FFFD.
+            if not text.endswith(REPLACEMENT_CHAR * held):
+                return ""
+            text, read_to = text[:-held], read_to - held
+        if len(text) <= len(prefix):
             return ""
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        self._prefix_offset, self._read_offset = self._read_offset, read_to
         return text[len(prefix):]
+
+    def _unfinished_char_len(self, ids: list[int]) -> int:
+        """How many trailing ids are byte pieces forming the start of an unfinished character."""
+        tail = []
+        for i in reversed(ids[-3:]):
+            b = self.tokenizer.byte_value(i)
+            if b is None:
+                break
+            tail.insert(0, b)
+        for n in range(1, len(tail) + 1):
+            lead, rest = tail[-n], tail[len(tail) - n + 1:]
+            if n < _utf8_length(lead) and all(0x80 <= b <= 0xBF for b in rest):
+                return n
+        return 0
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+
+def _utf8_length(lead: int) -> int:
+    """Length of the UTF-8 sequence a lead byte starts (0: not a lead byte of a longer one)."""
+    if 0xC2 <= lead <= 0xDF:
+        return 2
+    if 0xE0 <= lead <= 0xEF:
+        return 3
+    if 0xF0 <= lead <= 0xF4:
+        return 4
+    return 0
 
 
 # -- stop strings ---------------------------------------------------------------------------------
@@ -223,7 +272,8 @@ class StopChecker:
         self.stops = _check_stops(stops)
         self.include_stop_str_in_output = include_stop_str_in_output
         self.stop: str | None = None
-        self._keep = max((len(s) for s in self.stops), default=1) - 1  # chars a match can reach back
+        # How far back into earlier text a match completed by a new delta can start.
+        self._keep = max((len(s) for s in self.stops), default=1) - 1
         self._received = 0   # length of all text received
         self._recent = ""    # its last `_keep` characters, for matches that straddle deltas
         self._pending = ""   # received but not yet returned (a possible stop-string prefix)
@@ -258,7 +308,8 @@ class StopChecker:
             cut = window_start + (match.end if self.include_stop_str_in_output else match.start)
             self._pending = ""
             return self._out(unsent[:cut - (self._received - len(unsent))])
-        hold = 0 if self.include_stop_str_in_output else min(self._stop_prefix_len(window), len(unsent))
+        hold = 0 if self.include_stop_str_in_output else self._stop_prefix_len(window)
+        hold = min(hold, len(unsent))
         self._pending = unsent[len(unsent) - hold:]
         return self._out(unsent[:len(unsent) - hold])
 
