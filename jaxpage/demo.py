@@ -11,6 +11,7 @@ import io
 import os
 import shutil
 import tempfile
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from jaxpage.models.config import get_config
 DEMO_MODEL = "gemma3-demo"
 DEMO_SEED = 0
 CORPUS_ASSET = "demo_corpus.txt"
+STALE_BUILD_S = 3600.0  # a temporary build directory this old belongs to a process that died
 
 # SentencePiece training options, Gemma-like: BPE, byte fallback, digits split, no text
 # normalisation and no dummy-prefix space, Gemma's special ids and turn markers.
@@ -59,6 +61,7 @@ def demo_checkpoint_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     if final.is_dir():
         return final
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(root)
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
         built = _build_demo_checkpoint(work / "checkpoint")
@@ -101,6 +104,16 @@ def _build_demo_checkpoint(dst: Path) -> Path:
                            f"{config.vocab_size}")
     model = Gemma(config, dtype=jnp.float32, rngs=nnx.Rngs(DEMO_SEED))
     return save_checkpoint(model, config, dst, tokenizer_path=tokenizer_path)
+
+
+def _remove_stale_builds(root: Path) -> None:
+    """Delete what builds that died long ago left behind (a live build takes seconds)."""
+    for stale in root.glob(".demo-*.tmp-*"):
+        try:
+            if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
+                shutil.rmtree(stale, ignore_errors=True)
+        except FileNotFoundError:
+            pass  # another process just removed it
 
 
 def _corpus_bytes() -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -101,6 +102,19 @@ def test_a_second_build_has_identical_tokenizer_config_and_weights(raced, tmp_pa
     for path in params[0]:
         np.testing.assert_array_equal(params[0][path], params[1][path], err_msg=path)
     assert np.std(params[0]["embedder/embedding"]) > 0.5  # really random weights, not zeros
+
+
+def test_leftovers_of_dead_builds_are_removed_but_fresh_ones_kept(raced, tmp_path, monkeypatch):
+    _, outputs = raced
+    dead, live = tmp_path / ".demo-x.tmp-dead", tmp_path / ".demo-x.tmp-live"
+    for d in (dead, live):
+        (d / "checkpoint").mkdir(parents=True)
+    old = time.time() - demo.STALE_BUILD_S - 60
+    os.utime(dead, (old, old))
+    monkeypatch.setattr(demo, "_build_demo_checkpoint", lambda dst: shutil.copytree(
+        outputs[0][-1], dst))
+    demo.demo_checkpoint_dir(tmp_path)
+    assert not dead.exists() and live.exists()
 
 
 def test_cache_location_follows_jaxpage_cache(monkeypatch, tmp_path):
