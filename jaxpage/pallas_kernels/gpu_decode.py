@@ -30,6 +30,17 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 2
 
+    def __post_init__(self):
+        if self.block_k < 16 or self.block_k & (self.block_k - 1):
+            raise ValueError(f"DecodeConfig.block_k must be a power of two >= 16, got {self.block_k}")
+        if self.num_splits < 1:
+            raise ValueError(f"DecodeConfig.num_splits must be >= 1, got {self.num_splits}")
+
+
+def tile_rows(p: gc.AttnParams) -> int:
+    """Rows of the q tile: the q heads of one kv head, padded to >= 16 (tensor-core dot minimum)."""
+    return max(16, p.group_pad)
+
 
 def _decode_kernel(qsl_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs,
                    p: gc.AttnParams, cfg: DecodeConfig):
@@ -46,7 +57,7 @@ def _decode_kernel(qsl_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs,
     block_lo = split * per_split
     block_hi = jnp.minimum(block_lo + per_split, num_blocks)
 
-    g = jnp.arange(p.group_pad, dtype=jnp.int32)
+    g = jnp.arange(tile_rows(p), dtype=jnp.int32)
     head_ok = g < p.group
     heads = kv_head * p.group + g
     q = gc.load_rows(q_ref, q_row * p.num_q_heads + heads, head_ok & has_query)
@@ -59,7 +70,7 @@ def _decode_kernel(qsl_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs,
         v = gc.load_rows(v_ref, rows, visible)
         return gc.attend_block(carry, q, k, v, visible[None, :], p)
 
-    m, l, acc = jax.lax.fori_loop(block_lo, block_hi, body, gc.init_carry(p.group_pad, p.head_dim))
+    m, l, acc = jax.lax.fori_loop(block_lo, block_hi, body, gc.init_carry(tile_rows(p), p.head_dim))
 
     if cfg.num_splits == 1:
         (o_ref,) = out_refs

@@ -30,6 +30,12 @@ class PrefillConfig:
     num_warps: int = 4
     num_stages: int = 2
 
+    def __post_init__(self):
+        for name in ("block_m", "block_k"):
+            size = getattr(self, name)
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"PrefillConfig.{name} must be a power of two >= 16, got {size}")
+
 
 def tile_schedule(query_start_loc: jax.Array, kv_lens: jax.Array, num_tokens: int, block_q: int,
                   max_query_len: int | None) -> tuple[jax.Array, int]:
@@ -100,6 +106,9 @@ def prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_l
                       cfg: PrefillConfig, max_query_len: int | None,
                       interpret: bool) -> jax.Array:
     """Attention for any ragged batch (prefill chunks and decode tokens); returns [T, Hq, D]."""
+    if cfg.block_m < max(16, p.group_pad):
+        raise ValueError(f"prefill block_m={cfg.block_m} must be >= 16 and >= the q heads per kv "
+                         f"head rounded up to a power of two ({p.group_pad})")
     num_tokens = q.shape[0]
     block_q = cfg.block_m // p.group_pad
     sched, num_tiles = tile_schedule(query_start_loc, kv_lens, num_tokens, block_q, max_query_len)
