@@ -33,6 +33,8 @@ class EngineConfig:
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(field, "must be a positive integer")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            fail("max_num_batched_tokens", f"must be at least max_num_seqs={self.max_num_seqs}")
         if self.page_size & (self.page_size - 1):
             fail("page_size", "must be a power of two")
         if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):

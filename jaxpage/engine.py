@@ -20,7 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxpage import compat, sampler
+from jaxpage import beam_search, compat, sampler
 from jaxpage.attention import resolve_backend
 from jaxpage.config import EngineConfig
 from jaxpage.kv_cache import plan_num_pages
@@ -29,7 +29,7 @@ from jaxpage.outputs import CompletionOutput, RequestOutput
 from jaxpage.paging import GroupUsage, KVCacheManager
 from jaxpage.request import Request, Sequence, SeqStatus
 from jaxpage.runner import ModelRunner, StepResult
-from jaxpage.sampling_params import SamplingParams
+from jaxpage.sampling_params import MAX_LOGPROBS, SamplingParams
 from jaxpage.scheduler import Scheduler
 from jaxpage.tokenizer import IncrementalDetokenizer, StopChecker
 
@@ -58,6 +58,8 @@ class EngineStats:
     kv: dict[str, GroupUsage]
     prompt_tokens_total: int
     generation_tokens_total: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0     # of those, tokens found
 
 
 class LLMEngine:
@@ -82,7 +84,8 @@ class LLMEngine:
             max_model_len=self.max_model_len, dtype=kv_dtype)
         self.kv = KVCacheManager(
             page_size=self.config.page_size, num_pages=num_pages, max_context=self.max_model_len,
-            windows={g: self.model_config.window_of(g) for g in num_pages})
+            windows={g: self.model_config.window_of(g) for g in num_pages},
+            enable_prefix_caching=self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs=self.config.max_num_seqs,
                                    max_num_batched_tokens=self.config.max_num_batched_tokens)
         self.runner = ModelRunner(
@@ -90,7 +93,8 @@ class LLMEngine:
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             max_model_len=self.max_model_len, backend=self.backend, kv_dtype=kv_dtype,
-            compile_workers=self.config.compile_workers, precompile=self.config.precompile)
+            compile_workers=self.config.compile_workers, precompile=self.config.precompile,
+            max_copies=self.kv.max_copies_per_step)
         log.info("KV cache: %s pages of %d tokens; attention backend %s",
                  num_pages, self.config.page_size, self.backend)
         if self.config.precompile:
@@ -120,20 +124,14 @@ class LLMEngine:
             params = dataclasses.replace(params, max_tokens=max_tokens)
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer; this engine has none", "stop")
-        request = Request(request_id, prompt, ids, params, self._eos_ids())
-        base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(31)
-        num_samples = params.beam_width if params.use_beam_search else params.n
-        for i in range(num_samples):
-            seq = Sequence(next(self._seq_ids), request, i, list(ids),
-                           seed=(base_seed + 7919 * i) & 0x7FFFFFFF,
-                           logprobs=[] if params.logprobs is not None else None)
-            if self.tokenizer is not None:
-                seq.detokenizer = IncrementalDetokenizer(
-                    self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
-                seq.stop_checker = StopChecker(
-                    params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
-            request.sequences.append(seq)
-            self.scheduler.add(seq)
+        if params.use_beam_search and params.stop:
+            raise RequestError("stop strings are not supported with beam search", "stop")
+        if params.best_of and params.best_of > params.n and output_kind is OutputKind.DELTA:
+            output_kind = OutputKind.FINAL_ONLY  # the best n are only known at the end
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(31)
+        request = Request(request_id, prompt, ids, params, self._eos_ids(), seed=seed)
+        seq = self._new_sequence(request, 0, list(ids))
+        self.scheduler.add(seq)
         self.requests[request_id] = request
         self._output_kind[request_id] = output_kind
 
@@ -159,20 +157,37 @@ class LLMEngine:
         if not sched.scheduled:
             return outputs
         now = time.monotonic()
-        rows = [self._row_spec(item.seq) for item in sched.scheduled]
-        result = self.runner.execute(sched, rows, self.kv)
-        touched: dict[str, Request] = {}
+        row_seqs, sources = [], []
         for i, item in enumerate(sched.scheduled):
-            seq = item.seq
+            row_seqs.append(item.seq)
+            sources.append(i)
+            if item.samples and self._forks_pending(item.seq):
+                children = [self._fork(item.seq, j) for j in range(1, item.seq.request.width)]
+                row_seqs += children
+                sources += [i] * len(children)
+        result = self.runner.execute(sched, [self._row_spec(s) for s in row_seqs], sources, self.kv)
+
+        samples = {item.seq.seq_id: item.samples for item in sched.scheduled}
+        touched: dict[str, Request] = {}
+        for row, (seq, src) in enumerate(zip(row_seqs, sources)):
+            item = sched.scheduled[src]
             request = seq.request
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = now
             seq.num_computed_tokens = item.start + item.num_new_tokens
-            self.kv.commit(seq.seq_id, seq.num_computed_tokens)
-            if item.samples:
-                self._append_token(seq, result, i)
-                touched[request.request_id] = request
+            self.kv.commit(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            if not samples[item.seq.seq_id]:
+                continue
+            touched[request.request_id] = request
+            if request.params.use_beam_search:
+                width = 2 * request.width
+                seq.beam_candidates = list(zip(result.top_ids[row][:width].tolist(),
+                                               result.top_logprobs[row][:width].tolist()))
+            else:
+                self._append_token(seq, int(result.token_ids[row]), result, row)
         for request in touched.values():
+            if request.params.use_beam_search:
+                self._beam_step(request)
             out = self._output(request)
             if out is not None:
                 outputs.append(out)
@@ -182,30 +197,72 @@ class LLMEngine:
         return outputs
 
     def stats(self) -> EngineStats:
+        cache = self.kv.prefix_cache
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             num_preemptions=self.scheduler.num_preemptions, kv=self.kv.usage(),
             prompt_tokens_total=self.prompt_tokens_total,
-            generation_tokens_total=self.generation_tokens_total)
+            generation_tokens_total=self.generation_tokens_total,
+            prefix_cache_queries=cache.queries if cache else 0,
+            prefix_cache_hits=cache.hits if cache else 0)
 
-    # -- internals -----------------------------------------------------------------------------
+    # -- sequences -----------------------------------------------------------------------------
+    def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
+        params = request.params
+        wants_logprobs = params.logprobs is not None and not params.use_beam_search
+        seq = Sequence(next(self._seq_ids), request, index, token_ids,
+                       seed=(request.seed + 7919 * index) & 0x7FFFFFFF,
+                       logprobs=[] if wants_logprobs else None)
+        if self.tokenizer is not None and not params.use_beam_search:
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, request.prompt_token_ids,
+                skip_special_tokens=params.skip_special_tokens)
+            seq.stop_checker = StopChecker(
+                params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
+        request.sequences.append(seq)
+        return seq
+
+    def _forks_pending(self, seq: Sequence) -> bool:
+        """A parallel-sampling request whose prompt is done but whose samples don't exist yet."""
+        request = seq.request
+        return (request.width > 1 and not request.params.use_beam_search
+                and len(request.sequences) == 1 and seq.num_output_tokens == 0)
+
+    def _fork(self, parent: Sequence, index: int) -> Sequence:
+        """A new sequence sharing the parent's tokens and pages (copy-on-write from here on)."""
+        child = self._new_sequence(parent.request, index, list(parent.token_ids))
+        child.cumulative_logprob = parent.cumulative_logprob
+        if child.logprobs is not None:
+            child.logprobs = list(parent.logprobs)
+        if parent.status is SeqStatus.RUNNING:
+            self.kv.fork(parent.seq_id, child.seq_id)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.status = SeqStatus.RUNNING
+            self.scheduler.running.append(child)
+        else:  # a preempted parent has no pages: the child recomputes too
+            self.scheduler.add(child)
+        return child
+
     def _row_spec(self, seq: Sequence) -> sampler.RowSpec:
-        return sampler.RowSpec(params=seq.params, seed=seq.seed, step_index=seq.num_output_tokens,
+        params = seq.params
+        if params.use_beam_search:  # beams read the top raw log-probs; no sampling
+            params = self._beam_params(seq.request)
+        return sampler.RowSpec(params=params, seed=seq.seed, step_index=seq.num_output_tokens,
                                prompt_token_ids=seq.request.prompt_token_ids,
                                output_token_ids=seq.output_token_ids,
                                eos_token_ids=seq.request.eos_token_ids)
 
-    def _append_token(self, seq: Sequence, result: StepResult, row: int) -> None:
-        token = int(result.token_ids[row])
+    @staticmethod
+    def _beam_params(request: Request) -> SamplingParams:
+        if request.beam_row_params is None:
+            request.beam_row_params = SamplingParams(temperature=0.0, logprobs=MAX_LOGPROBS,
+                                                     max_tokens=request.params.max_tokens)
+        return request.beam_row_params
+
+    def _append_token(self, seq: Sequence, token: int, result: StepResult, row: int) -> None:
         params, request = seq.params, seq.request
-        if seq.num_output_tokens == 0:
-            self.prompt_tokens_total += seq.num_prompt_tokens
+        self._count_tokens(request, 1)
         seq.token_ids.append(token)
-        self.generation_tokens_total += 1
-        now = time.monotonic()
-        if request.metrics.first_token_time is None:
-            request.metrics.first_token_time = now
-        request.metrics.last_token_time = now
         logprob = float(result.logprobs[row])
         seq.cumulative_logprob += logprob
         if seq.logprobs is not None:
@@ -215,18 +272,71 @@ class LLMEngine:
                                                           result.top_logprobs[row][:params.logprobs])}
             entry[token] = logprob
             seq.logprobs.append(entry)
-        if seq.detokenizer is not None:
-            seq.text += seq.stop_checker.update(seq.detokenizer.step(token),
-                                                can_stop=seq.num_output_tokens >= params.min_tokens)
-            if seq.stop_checker.stopped:
-                self._finish(seq, "stop", seq.stop_checker.stop)
-                return
         if not params.ignore_eos and token in request.eos_token_ids:
             self._finish(seq, "stop")
         elif token in params.stop_token_ids:
             self._finish(seq, "stop", token)
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            self._finish(seq, "length")
+        else:
+            if seq.detokenizer is not None:
+                seq.text += seq.stop_checker.update(
+                    seq.detokenizer.step(token), can_stop=seq.num_output_tokens >= params.min_tokens)
+                if seq.stop_checker.stopped:
+                    self._finish(seq, "stop", seq.stop_checker.stop)
+                    return
+            if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+                self._finish(seq, "length")
+
+    def _count_tokens(self, request: Request, n: int) -> None:
+        if request.metrics.first_token_time is None:
+            self.prompt_tokens_total += len(request.prompt_token_ids)
+        self.generation_tokens_total += n
+        now = time.monotonic()
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+        request.metrics.last_token_time = now
+
+    def _beam_step(self, request: Request) -> None:
+        """Once every live beam has its candidates: extend, fork and prune the beams."""
+        live = [s for s in request.sequences if not s.finished]
+        if any(s.beam_candidates is None for s in live):
+            return  # a beam was preempted or not scheduled: wait for it
+        params, width = request.params, request.width
+        generated = live[0].num_output_tokens + 1
+        end_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(request.eos_token_ids))
+        continuing, ended = beam_search.select(
+            [s.cumulative_logprob for s in live], [s.beam_candidates for s in live],
+            width=width, end_ids=end_ids, can_end=generated > params.min_tokens)
+        for c in ended:
+            request.hypotheses.append(beam_search.Hypothesis(
+                live[c.beam].output_token_ids + [c.token], c.score, "stop",
+                c.token if c.token in params.stop_token_ids else None))
+        at_limit = (generated >= params.max_tokens
+                    or live[0].num_tokens + 1 >= self.max_model_len)
+        if at_limit:
+            request.hypotheses += [beam_search.Hypothesis(
+                live[c.beam].output_token_ids + [c.token], c.score, "length") for c in continuing]
+        self._count_tokens(request, len(continuing) + len(ended))
+        if at_limit or beam_search.is_done(request.hypotheses, continuing, width=width,
+                                           generated_len=generated,
+                                           length_penalty=params.length_penalty):
+            for seq in live:
+                self._finish(seq, "stop")
+            return
+        reused: set[int] = set()
+        targets = []
+        for c in continuing:  # fork every beam chosen twice before any beam changes
+            parent = live[c.beam]
+            targets.append(parent if parent.seq_id not in reused
+                           else self._fork(parent, len(request.sequences)))
+            reused.add(parent.seq_id)
+        for seq in live:
+            seq.beam_candidates = None
+            if seq.seq_id not in reused:
+                self._finish(seq, "stop")
+                request.sequences.remove(seq)
+        for seq, c in zip(targets, continuing):
+            seq.token_ids.append(c.token)
+            seq.cumulative_logprob = c.score
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         if seq.stop_checker is not None and not seq.stop_checker.stopped:
@@ -244,10 +354,22 @@ class LLMEngine:
 
     def _output(self, request: Request) -> RequestOutput | None:
         kind = self._output_kind[request.request_id]
-        if kind is OutputKind.FINAL_ONLY and not request.finished:
+        params = request.params
+        if not request.finished and (kind is OutputKind.FINAL_ONLY or params.use_beam_search):
             return None
+        if params.use_beam_search:
+            completions = [CompletionOutput(
+                index=i, text=self._decode(h.token_ids, params), token_ids=h.token_ids,
+                cumulative_logprob=h.cumulative_logprob, finish_reason=h.finish_reason,
+                stop_reason=h.stop_reason)
+                for i, h in enumerate(beam_search.best(request.hypotheses, params.n,
+                                                       params.length_penalty))]
+            return self._request_output(request, completions)
+        seqs = request.sequences
+        if request.finished and len(seqs) > params.n:  # best_of: keep the n most likely
+            seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)[:params.n]
         completions = []
-        for seq in request.sequences:
+        for seq in seqs:
             out_ids = seq.output_token_ids
             tokens, chars, lps = 0, 0, 0
             if kind is OutputKind.DELTA:
@@ -259,9 +381,18 @@ class LLMEngine:
                 cumulative_logprob=seq.cumulative_logprob,
                 logprobs=None if seq.logprobs is None else seq.logprobs[lps:],
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        return self._request_output(request, completions)
+
+    @staticmethod
+    def _request_output(request: Request, completions: list[CompletionOutput]) -> RequestOutput:
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
                              completions, finished=request.finished,
                              num_cached_tokens=request.num_cached_tokens, metrics=request.metrics)
+
+    def _decode(self, token_ids: list[int], params: SamplingParams) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
 
     def _prompt_ids(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
         if prompt_token_ids is None:

@@ -1,65 +1,92 @@
-"""KV page allocator: per-layer-group page pools, block tables, reference counts.
+"""KV page allocator: per-layer-group page pools, block tables, reference counts, sharing.
 
 Every layer group ("global", "local") has its own pool of fixed-size pages; all layers of a group
 share the group's page ids. A sequence's block table lists its pages in logical order: logical
-page i holds the keys/values of tokens i*page_size ... (i+1)*page_size-1. Global layers keep every
-page. Sliding-window layers only ever look back W tokens, so once a page lies wholly before the
-window of the next query it goes back to the pool and its table entry becomes the null page
-(page 0, which no sequence owns and padding writes land in).
+page i holds tokens i*page_size ... (i+1)*page_size-1. Global layers keep every page. Sliding-window
+layers only look back W tokens, so a page lying wholly before the window of the next query goes
+back to the pool and its table entry becomes the null page (page 0: no sequence owns it, padding
+writes land there).
+
+Pages are shared by reference count: forked sequences (parallel samples, beams) share their
+parent's pages, and with prefix caching new sequences reuse full pages whose token prefix matches.
+A write into a shared page first copies it (copy-on-write); the copies are handed to the runner.
+Freed pages that hold a cached prefix stay findable until the pool needs them (LRU eviction).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
+from collections import OrderedDict, deque
+from typing import Callable, Sequence
 
 import numpy as np
 
 from jaxpage.kv_cache import NULL_PAGE
+from jaxpage.prefix_cache import ROOT, PrefixCache
 
 
 class PagePool:
-    """Free list and reference counts of one group's pages; page 0 is reserved as the null page."""
+    """Free list, reference counts and evictable cached pages of one group; page 0 is reserved."""
 
-    def __init__(self, num_pages: int):
+    def __init__(self, num_pages: int, *, is_cached: Callable[[int], bool] = lambda p: False,
+                 on_evict: Callable[[int], None] = lambda p: None):
         if num_pages < 2:
             raise ValueError(f"a page pool needs at least 2 pages (one is the null page), got {num_pages}")
         self.num_pages = num_pages
         self.ref_counts = np.zeros(num_pages, np.int32)
         self._free: deque[int] = deque(range(1, num_pages))
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; LRU first
+        self._is_cached, self._on_evict = is_cached, on_evict
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages an allocation can get: never used, or cached but unreferenced."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return self.num_pages - 1 - len(self._free)
+        return self.num_pages - 1 - self.num_free
+
+    @property
+    def num_cached_idle(self) -> int:
+        return len(self._evictable)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} pages, {len(self._free)} free")
-        pages = [self._free.popleft() for _ in range(n)]
+        if n > self.num_free:
+            raise RuntimeError(f"asked for {n} pages, {self.num_free} free")
+        pages = []
+        for _ in range(n):
+            if self._free:
+                pages.append(self._free.popleft())
+            else:
+                page, _ = self._evictable.popitem(last=False)
+                self._on_evict(page)
+                pages.append(page)
         self.ref_counts[pages] = 1
         return pages
 
     def incref(self, page: int) -> None:
-        assert page != NULL_PAGE and self.ref_counts[page] > 0
+        assert page != NULL_PAGE
+        if self.ref_counts[page] == 0:
+            del self._evictable[page]  # only cached pages are referenced again from zero
         self.ref_counts[page] += 1
 
     def decref(self, page: int) -> None:
         assert page != NULL_PAGE and self.ref_counts[page] > 0, f"page {page} is not in use"
         self.ref_counts[page] -= 1
         if self.ref_counts[page] == 0:
-            self._free.append(page)
+            if self._is_cached(page):
+                self._evictable[page] = None
+            else:
+                self._free.append(page)
 
 
 @dataclasses.dataclass
 class GroupUsage:
     page_size: int
-    pages_total: int  # usable pages (null page excluded)
-    pages_used: int
-    tokens_stored: int  # tokens whose KV lives in held pages
+    pages_total: int   # usable pages (null page excluded)
+    pages_used: int    # referenced by some sequence
+    tokens_stored: int  # tokens whose KV lives in referenced pages (each page counted once)
 
     @property
     def pages_free(self) -> int:
@@ -75,29 +102,46 @@ class GroupUsage:
         return self.tokens_stored / max(self.pages_used * self.page_size, 1)
 
 
+@dataclasses.dataclass
+class _SeqPages:
+    tables: dict[str, list[int]]
+    first_live: dict[str, int]         # first table index not yet released (window groups)
+    prefix_ids: list[int]              # prefix ids of the sequence's full, registered pages
+    num_computed: int = 0
+
+
 class KVCacheManager:
     """Block tables of every live sequence over one pool per layer group."""
 
     def __init__(self, *, page_size: int, num_pages: dict[str, int],
-                 windows: dict[str, int | None], max_context: int):
+                 windows: dict[str, int | None], max_context: int,
+                 enable_prefix_caching: bool = False, max_copies_per_step: int = 16):
         if page_size < 1:
             raise ValueError(f"page_size must be positive, got {page_size}")
         self.page_size = page_size
         self.groups = tuple(num_pages)
-        self.pools = {g: PagePool(n) for g, n in num_pages.items()}
         self.windows = {g: windows.get(g) for g in self.groups}
         self.max_pages_per_seq = -(-max_context // page_size)
-        self._tables: dict[int, dict[str, list[int]]] = {}
-        self._first_live: dict[int, dict[str, int]] = {}  # first table index not yet released
-        self._tokens_stored: dict[tuple[int, str], int] = {}
+        self.prefix_cache = PrefixCache(self.groups, page_size=page_size) if enable_prefix_caching else None
+        self.pools = {g: self._make_pool(g, n) for g, n in num_pages.items()}
+        self.max_copies_per_step = max_copies_per_step
+        self.pending_copies: dict[str, list[tuple[int, int]]] = {g: [] for g in self.groups}
+        self._seqs: dict[int, _SeqPages] = {}
+
+    def _make_pool(self, group: str, num_pages: int) -> PagePool:
+        cache = self.prefix_cache
+        if cache is None:
+            return PagePool(num_pages)
+        return PagePool(num_pages, is_cached=lambda p: cache.is_cached(group, p),
+                        on_evict=lambda p: cache.evict(group, p))
 
     # -- queries -----------------------------------------------------------------------------
     def block_table(self, seq_id: int, group: str) -> list[int]:
-        return self._tables[seq_id][group] if seq_id in self._tables else []
+        s = self._seqs.get(seq_id)
+        return s.tables[group] if s is not None else []
 
     def num_held_pages(self, seq_id: int, group: str) -> int:
-        table = self.block_table(seq_id, group)
-        return sum(1 for p in table if p != NULL_PAGE)
+        return sum(1 for p in self.block_table(seq_id, group) if p != NULL_PAGE)
 
     def pages_for(self, num_tokens: int, group: str, chunk: int = 1) -> int:
         """Most pages of `group` one sequence of `num_tokens` tokens holds at once."""
@@ -108,60 +152,150 @@ class KVCacheManager:
         return min(total, -(-(window - 1 + chunk) // self.page_size) + 1)
 
     def usage(self) -> dict[str, GroupUsage]:
-        stored = {g: 0 for g in self.groups}
-        for (_, g), n in self._tokens_stored.items():
-            stored[g] += n
+        stored = {g: {} for g in self.groups}  # page -> tokens it stores
+        for s in self._seqs.values():
+            for g, table in s.tables.items():
+                for i in range(s.first_live[g], len(table)):
+                    n = min(self.page_size, s.num_computed - i * self.page_size)
+                    if table[i] != NULL_PAGE and n > 0:
+                        stored[g][table[i]] = max(stored[g].get(table[i], 0), n)
         return {g: GroupUsage(page_size=self.page_size, pages_total=p.num_pages - 1,
-                              pages_used=p.num_used, tokens_stored=stored[g])
+                              pages_used=p.num_used, tokens_stored=sum(stored[g].values()))
                 for g, p in self.pools.items()}
 
+    # -- prefix reuse --------------------------------------------------------------------------
+    def reuse_prefix(self, seq_id: int, tokens: Sequence[int]) -> int:
+        """Give a new sequence the cached pages of its longest reusable prompt prefix.
+
+        At least the last prompt token is always left to compute (its logits are needed).
+        Returns the number of tokens whose KV is now in place.
+        """
+        cache = self.prefix_cache
+        s = self._new_seq(seq_id)
+        if cache is None:
+            return 0
+        ids = cache.chain(tokens, (len(tokens) - 1) // self.page_size)
+        k = len(ids)
+        while k and not all(cache.page_of(g, ids[j]) is not None
+                            for g in self.groups for j in range(self._first_needed(g, k), k)):
+            k -= 1  # a window group lacks a page it would still need: try a shorter prefix
+        for g in self.groups:
+            start = self._first_needed(g, k)
+            s.tables[g] = [NULL_PAGE] * start
+            for j in range(start, k):
+                page = cache.page_of(g, ids[j])
+                self.pools[g].incref(page)
+                s.tables[g].append(page)
+            s.first_live[g] = start
+        s.prefix_ids = ids[:k]
+        s.num_computed = k * self.page_size
+        return s.num_computed
+
+    def _first_needed(self, group: str, num_pages: int) -> int:
+        """First page a query right after `num_pages` full pages can see in this group."""
+        window = self.windows[group]
+        if window is None:
+            return 0
+        return max(0, num_pages * self.page_size - window + 1) // self.page_size
+
     # -- changes -----------------------------------------------------------------------------
+    def _new_seq(self, seq_id: int) -> _SeqPages:
+        assert seq_id not in self._seqs, f"sequence {seq_id} already has pages"
+        s = _SeqPages({g: [] for g in self.groups}, {g: 0 for g in self.groups}, [])
+        self._seqs[seq_id] = s
+        return s
+
+    def copies_needed(self, seq_id: int, num_computed: int) -> int:
+        """Shared pages a write at `num_computed` must copy first (summed over groups)."""
+        s = self._seqs.get(seq_id)
+        if s is None:
+            return 0
+        idx = num_computed // self.page_size
+        return sum(1 for g, t in s.tables.items()
+                   if idx < len(t) and t[idx] != NULL_PAGE and self.pools[g].ref_counts[t[idx]] > 1)
+
+    def copy_slots_left(self) -> int:
+        return self.max_copies_per_step - max(len(c) for c in self.pending_copies.values())
+
     def allocate(self, seq_id: int, num_computed: int, num_new: int) -> bool:
         """Make room for tokens num_computed ... num_computed+num_new-1 of a sequence.
 
-        First returns sliding-window pages the new queries can no longer see; then allocates the
-        missing pages of every group, all or nothing. False when some pool is short.
+        Returns window pages the new queries no longer see, copies a shared page about to be
+        written (copy-on-write), and allocates missing pages -- all or nothing per group set.
+        False when some pool is short.
         """
-        tables = self._tables.setdefault(seq_id, {g: [] for g in self.groups})
-        first_live = self._first_live.setdefault(seq_id, {g: 0 for g in self.groups})
+        s = self._seqs.get(seq_id) or self._new_seq(seq_id)
         for g in self.groups:
-            self._release_outside_window(g, tables[g], first_live, num_computed)
-        end = num_computed + num_new
-        needed = {g: max(0, -(-end // self.page_size) - len(tables[g])) for g in self.groups}
+            self._release_outside_window(g, s, num_computed)
+        end, idx = num_computed + num_new, num_computed // self.page_size
+        cow = {g: idx < len(t) and t[idx] != NULL_PAGE and self.pools[g].ref_counts[t[idx]] > 1
+               for g, t in s.tables.items()}
+        needed = {g: max(0, -(-end // self.page_size) - len(s.tables[g])) + cow[g]
+                  for g in self.groups}
         if any(needed[g] > self.pools[g].num_free for g in self.groups):
             return False
         for g in self.groups:
-            tables[g].extend(self.pools[g].allocate(needed[g]))
+            table, pool = s.tables[g], self.pools[g]
+            if cow[g]:
+                (copy,) = pool.allocate(1)
+                self.pending_copies[g].append((table[idx], copy))
+                pool.decref(table[idx])
+                table[idx] = copy
+            table.extend(pool.allocate(needed[g] - cow[g]))
         return True
 
-    def commit(self, seq_id: int, num_computed: int) -> None:
-        """Record that the first `num_computed` tokens of a sequence are now in its pages."""
-        for g in self.groups:
-            start = self._first_live[seq_id][g] * self.page_size
-            self._tokens_stored[(seq_id, g)] = max(0, num_computed - start)
+    def commit(self, seq_id: int, token_ids: Sequence[int], num_computed: int) -> None:
+        """Record that the first `num_computed` tokens are in the pages; cache newly full pages."""
+        s = self._seqs[seq_id]
+        s.num_computed = num_computed
+        cache = self.prefix_cache
+        if cache is None:
+            return
+        ps = self.page_size
+        for p in range(len(s.prefix_ids), num_computed // ps):
+            parent = s.prefix_ids[-1] if s.prefix_ids else ROOT
+            pages = {g: s.tables[g][p] for g in self.groups}
+            s.prefix_ids.append(cache.register(parent, token_ids[p * ps:(p + 1) * ps], pages))
+
+    def fork(self, parent_id: int, child_id: int) -> None:
+        """The child shares every page of the parent (reference counts go up)."""
+        parent = self._seqs[parent_id]
+        child = self._new_seq(child_id)
+        for g, table in parent.tables.items():
+            child.tables[g] = list(table)
+            for page in table:
+                if page != NULL_PAGE:
+                    self.pools[g].incref(page)
+        child.first_live = dict(parent.first_live)
+        child.prefix_ids = list(parent.prefix_ids)
+        child.num_computed = parent.num_computed
 
     def free(self, seq_id: int) -> None:
-        """Give every page of a sequence back (its table disappears)."""
-        tables = self._tables.pop(seq_id, None)
-        self._first_live.pop(seq_id, None)
-        if tables is None:
+        """Drop a sequence's references to its pages (cached ones stay findable)."""
+        s = self._seqs.pop(seq_id, None)
+        if s is None:
             return
-        for g, table in tables.items():
-            self._tokens_stored.pop((seq_id, g), None)
+        for g, table in s.tables.items():
             for page in table:
                 if page != NULL_PAGE:
                     self.pools[g].decref(page)
 
-    def _release_outside_window(self, group: str, table: list[int], first_live: dict[str, int],
-                                num_computed: int) -> None:
+    def take_copies(self) -> dict[str, list[tuple[int, int]]]:
+        """Page copies (src, dst) to run before this step's writes; dropped ones already freed."""
+        copies = {g: [(src, dst) for src, dst in c if self.pools[g].ref_counts[dst] > 0]
+                  for g, c in self.pending_copies.items()}
+        self.pending_copies = {g: [] for g in self.groups}
+        return copies
+
+    def _release_outside_window(self, group: str, s: _SeqPages, num_computed: int) -> None:
         window = self.windows[group]
         if window is None:
             return
+        table = s.tables[group]
         # The next query sits at position num_computed and sees keys > num_computed - window.
-        first_needed = max(0, num_computed - window + 1) // self.page_size
-        for i in range(first_live[group], min(first_needed, len(table))):
+        first_needed = min(max(0, num_computed - window + 1) // self.page_size, len(table))
+        for i in range(s.first_live[group], first_needed):
             if table[i] != NULL_PAGE:
                 self.pools[group].decref(table[i])
                 table[i] = NULL_PAGE
-        first_live[group] = max(first_live[group], min(first_needed, len(table)))
-
+        s.first_live[group] = max(s.first_live[group], first_needed)

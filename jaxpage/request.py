@@ -50,6 +50,7 @@ class Sequence:
     # Set when the engine has a tokenizer: jaxpage.tokenizer.IncrementalDetokenizer / StopChecker.
     detokenizer: object | None = None
     stop_checker: object | None = None
+    beam_candidates: list[tuple[int, float]] | None = None  # beam search: this step's options
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -85,10 +86,18 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     eos_token_ids: tuple[int, ...]
+    seed: int = 0  # sample i draws from seed + 7919 * i
     sequences: list[Sequence] = dataclasses.field(default_factory=list)
+    hypotheses: list = dataclasses.field(default_factory=list)  # beam search: ended beams
+    beam_row_params: SamplingParams | None = None
     num_cached_tokens: int = 0
     metrics: RequestMetrics = dataclasses.field(
         default_factory=lambda: RequestMetrics(arrival_time=time.monotonic()))
+
+    @property
+    def width(self) -> int:
+        """Sequences the request runs at once: its samples (best_of of them), or its beams."""
+        return self.params.best_of or self.params.n
 
     @property
     def finished(self) -> bool:

@@ -80,14 +80,17 @@ class PackedLayout:
         return buf, views
 
 
-def step_fields(num_tokens: int, num_seqs: int, max_pages: int, groups: Seq[str]) -> tuple[Field, ...]:
+def step_fields(num_tokens: int, num_seqs: int, max_pages: int, groups: Seq[str],
+                max_copies: int) -> tuple[Field, ...]:
     """Model inputs of one step: token_ids[T], positions[T], query_start_loc[S+1], kv_lens[S],
-    logits_indices[S] (each sequence's last packed row) and a [S, max_pages] block table per group."""
+    logits_indices[S] (packed row each sampling row reads), per group a [S, max_pages] block
+    table and copy-on-write page copies copy_src/copy_dst[max_copies] (padding copies 0 -> 0)."""
     t, s = num_tokens, num_seqs
     return (("token_ids", (t,), "int32"), ("positions", (t,), "int32"),
             ("query_start_loc", (s + 1,), "int32"), ("kv_lens", (s,), "int32"),
             ("logits_indices", (s,), "int32"),
-            *((f"block_table.{g}", (s, max_pages), "int32") for g in groups))
+            *((f"block_table.{g}", (s, max_pages), "int32") for g in groups),
+            *((f"copy_{end}.{g}", (max_copies,), "int32") for g in groups for end in ("src", "dst")))
 
 
 @dataclasses.dataclass
@@ -100,13 +103,19 @@ class StepResult:
     top_logprobs: np.ndarray | None
 
 
+def copy_pages(kv: tuple[jax.Array, jax.Array], src: jax.Array, dst: jax.Array):
+    """Copy-on-write: pages src[i] -> dst[i] in one layer's (k_pages, v_pages)."""
+    k, v = kv
+    return k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])
+
+
 class ModelRunner:
     """Owns the model state, the KV cache and the compiled step executables."""
 
     def __init__(self, model: Gemma, *, num_pages: dict[str, int], page_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  backend: str, kv_dtype=jnp.bfloat16, compile_workers: int = 8,
-                 precompile: bool = True):
+                 precompile: bool = True, max_copies: int = 16):
         self.config = model.config
         self.act_dtype = model.embedder.embedding.get_value().dtype
         self.graphdef, self.state = nnx.split(model)
@@ -116,11 +125,13 @@ class ModelRunner:
         self.max_pages = -(-max_model_len // page_size)
         self.backend = backend
         self.groups = self.config.layer_groups
+        self.max_copies = max_copies
         self.kv_caches = init_kv_cache(self.config, num_pages, page_size, kv_dtype)
         self.token_buckets = token_buckets(max_num_batched_tokens)
         self._forward: dict[tuple[int, bool], object] = {}
         self._sample: dict[sampler.SamplerPlan, object] = {}
         self._compile_workers = compile_workers
+        self._variant_set = set(self._variants())
         self.precompile = precompile
         self.compile_seconds = 0.0
 
@@ -145,7 +156,8 @@ class ModelRunner:
     def step_layout(self, num_tokens_bucket: int) -> PackedLayout:
         """The step buffer: model inputs, then the sampler's per-row inputs."""
         s = self.seq_bucket(num_tokens_bucket)
-        model_fields = step_fields(num_tokens_bucket, s, self.max_pages, self.groups)
+        model_fields = step_fields(num_tokens_bucket, s, self.max_pages, self.groups,
+                                   self.max_copies)
         return PackedLayout(model_fields + self.row_layout(s).fields)
 
     def _extra_specs(self, plan: sampler.SamplerPlan) -> dict[str, jax.ShapeDtypeStruct]:
@@ -200,10 +212,14 @@ class ModelRunner:
     def _forward_fn(self, num_tokens_bucket: int, decode_only: bool):
         graphdef, backend, groups = self.graphdef, self.backend, self.groups
         s = self.seq_bucket(num_tokens_bucket)
-        model_layout = PackedLayout(step_fields(num_tokens_bucket, s, self.max_pages, groups))
+        model_layout = PackedLayout(step_fields(num_tokens_bucket, s, self.max_pages, groups,
+                                                self.max_copies))
+        layer_types = self.config.layer_types
 
         def forward(state, kv_caches, packed):
             f = model_layout.unpack(packed)
+            kv_caches = [copy_pages(kv, f[f"copy_src.{g}"], f[f"copy_dst.{g}"])
+                         for kv, g in zip(kv_caches, layer_types)]
             meta = AttentionMetadata(
                 query_start_loc=f["query_start_loc"], kv_lens=f["kv_lens"],
                 block_tables={g: f[f"block_table.{g}"] for g in groups},
@@ -226,12 +242,17 @@ class ModelRunner:
         return sample
 
     # -- one step --------------------------------------------------------------------------------
-    def execute(self, sched: SchedulerOutput, rows: Seq[sampler.RowSpec], kv_manager) -> StepResult:
-        """Run one scheduled step; blocks only on the sampled ids coming back."""
-        t = self.bucket_for(sched.num_tokens)
-        decode_only = sched.is_decode_only and (t, True) in self._variants()
+    def execute(self, sched: SchedulerOutput, rows: Seq[sampler.RowSpec], sources: Seq[int],
+                kv_manager) -> StepResult:
+        """Run one scheduled step; blocks only on the sampled ids coming back.
+
+        Row r samples from the logits of scheduled sequence sources[r] (forked samples share
+        their parent's). Page copies the allocator queued run before the step's writes.
+        """
+        t = self.bucket_for(max(sched.num_tokens, len(rows)))
+        decode_only = sched.is_decode_only and (t, True) in self._variant_set
         buf, v = self.step_layout(t).new_buffer()
-        pos = 0
+        pos, last = 0, []
         for i, item in enumerate(sched.scheduled):
             seq, start, n = item.seq, item.start, item.num_new_tokens
             v["token_ids"][pos:pos + n] = seq.token_ids[start:start + n]
@@ -239,11 +260,15 @@ class ModelRunner:
             v["query_start_loc"][i] = pos
             v["kv_lens"][i] = start + n
             pos += n
-            v["logits_indices"][i] = pos - 1
+            last.append(pos - 1)
             for g in self.groups:
                 table = kv_manager.block_table(seq.seq_id, g)
                 v[f"block_table.{g}"][i, :len(table)] = table
         v["query_start_loc"][len(sched.scheduled):] = pos
+        v["logits_indices"][:len(rows)] = [last[src] for src in sources]
+        for g, copies in kv_manager.take_copies().items():
+            if copies:
+                v[f"copy_src.{g}"][:len(copies)], v[f"copy_dst.{g}"][:len(copies)] = zip(*copies)
         plan = sampler.plan_for(rows, self.seq_bucket(t), self.max_model_len)
         extra = {}
         for name, arr in sampler.host_arrays(plan, rows).items():
@@ -256,8 +281,8 @@ class ModelRunner:
             self.state, self.kv_caches, jax.device_put(buf))
         out = self._executable("sample", plan)(self.state, hidden_last, row_inputs,
                                                jax.device_put(extra))
-        n = len(sched.scheduled)
         host = jax.device_get(out)
+        n = len(rows)
         if plan.num_logprobs:
             return StepResult(host.token_ids[:n], host.logprobs[:n], host.top_ids[:n],
                               host.top_logprobs[:n])

@@ -68,6 +68,9 @@ class SamplingParams:
             check_int("best_of")
             if self.best_of < self.n:
                 fail("best_of", f"must be at least n={self.n}")
+        if self.use_beam_search and self.beam_width > MAX_LOGPROBS // 2:
+            fail("n" if self.best_of is None else "best_of",
+                 f"(the beam width) must be at most {MAX_LOGPROBS // 2}")
         if self.temperature < 0:
             fail("temperature", "must be non-negative")
         if self.top_k < 0:

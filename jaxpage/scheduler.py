@@ -77,6 +77,7 @@ class Scheduler:
         preempted: list[Sequence] = []
         taken: set[int] = set()
 
+        # Sequences with nothing to compute (beams waiting for their siblings) sit this step out.
         decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
         prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         for seq in decodes + prefills:
@@ -84,6 +85,8 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
+            if self.kv.copies_needed(seq.seq_id, seq.num_computed_tokens) > self.kv.copy_slots_left():
+                continue  # its copy-on-write waits for the next step
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.kv.allocate(seq.seq_id, seq.num_computed_tokens, num_new):
                 victim = self._newest_unscheduled(taken)
@@ -96,17 +99,36 @@ class Scheduler:
                 taken.add(seq.seq_id)
                 budget -= num_new
 
-        while not preempted and budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
+        while not preempted and budget > 0 and self.waiting:
             seq = self.waiting[0]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.kv.allocate(seq.seq_id, seq.num_computed_tokens, num_new):
+            if len(self.running) + self._width(seq) > self.max_num_seqs:
+                break
+            cached = self.kv.reuse_prefix(seq.seq_id, seq.token_ids)
+            num_new = min(seq.num_tokens - cached, budget)
+            if not self.kv.allocate(seq.seq_id, cached, num_new):
+                self.kv.free(seq.seq_id)
                 break
             self.waiting.popleft()
+            self._record_prefix_hit(seq, cached)
+            seq.num_computed_tokens = cached
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, num_new))
+            scheduled.append(ScheduledSeq(seq, cached, num_new))
             budget -= num_new
         return SchedulerOutput(scheduled, preempted)
+
+    def _width(self, seq: Sequence) -> int:
+        """Sequences this waiting one will occupy: a request not yet forked grows to all samples."""
+        request = seq.request
+        return request.width if len(request.sequences) == 1 else 1
+
+    def _record_prefix_hit(self, seq: Sequence, cached: int) -> None:
+        cache = self.kv.prefix_cache
+        if cache is not None:
+            cache.queries += seq.num_tokens
+            cache.hits += cached
+        if seq.num_preemptions == 0 and seq.index == 0:
+            seq.request.num_cached_tokens = cached
 
     def _newest_unscheduled(self, taken: set[int]) -> Sequence:
         for seq in reversed(self.running):

@@ -68,10 +68,10 @@ def test_allocation_is_all_or_nothing_across_groups():
 def test_local_pages_behind_the_window_are_released_as_decoding_moves_on():
     kv = make_manager()
     assert kv.allocate(1, 0, 12)  # prompt of 12 tokens: pages 0..2
-    kv.commit(1, 12)
+    kv.commit(1, list(range(12)), 12)
     for pos in range(12, 60):  # decode one token at a time
         assert kv.allocate(1, pos, 1)
-        kv.commit(1, pos + 1)
+        kv.commit(1, list(range(pos + 1)), pos + 1)
         held = kv.num_held_pages(1, "local")
         assert held <= math.ceil(WINDOW / PAGE) + 1
         table = kv.block_table(1, "local")
@@ -100,7 +100,7 @@ def test_random_add_step_abort_keeps_invariants_and_frees_everything(ops, budget
             assert item.start == seq.num_computed_tokens
             assert len(kv.block_table(seq.seq_id, "global")) * PAGE >= item.start + item.num_new_tokens
             seq.num_computed_tokens += item.num_new_tokens
-            kv.commit(seq.seq_id, seq.num_computed_tokens)
+            kv.commit(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
             if item.samples:
                 seq.token_ids.append(7)
                 if seq.num_output_tokens >= seq.params.max_tokens:
