@@ -56,12 +56,13 @@ def ragged_paged_attention(
     max_query_len: int | None = None,
     pages_per_block: int | None = None,
     queries_per_block: int | None = None,
-    interpret: pltpu.InterpretParams | None = None,
+    interpret: pltpu.InterpretParams | bool | None = None,
 ) -> jax.Array:
     """Attention of packed ragged queries over their sequences' pages (see the module docstring).
 
-    `pages_per_block` / `queries_per_block` override the kv / query tile sizes. `interpret`
-    defaults to TPU interpret mode on hosts without a TPU and to the compiled kernel on a TPU.
+    `pages_per_block` / `queries_per_block` override the kv / query tile sizes. `interpret`:
+    None runs the compiled kernel on a TPU and TPU interpret mode elsewhere; True / an
+    `InterpretParams` forces interpret mode, False forces compilation.
     """
     _check_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc,
                   soft_cap=soft_cap, sliding_window=sliding_window, max_query_len=max_query_len)
@@ -76,6 +77,8 @@ def ragged_paged_attention(
     if ppb is None:
         ppb = max(1, min(max_pages, _KEYS_PER_BLOCK // page_size))
     _check_tiles(bq, ppb, q.dtype)
+    if num_tokens == 0:
+        return jnp.zeros_like(q)
 
     num_q_blocks = -(-num_tokens // bq)
     padded = num_q_blocks * bq
@@ -103,14 +106,16 @@ def ragged_paged_attention(
             pltpu.VMEM((group * bq, head_dim), jnp.float32),  # running numerator
         ],
     )
-    if interpret is None and jax.default_backend() != "tpu":
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    if interpret is True:
         interpret = pltpu.InterpretParams()
     out = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct(q_tiles.shape, q.dtype),
         compiler_params=compat.tpu_compiler_params(("parallel", "parallel")),
-        interpret=interpret if interpret is not None else False,
+        interpret=interpret,
     )(first_seq, end_seq, query_start_loc, kv_lens.astype(jnp.int32),
       block_tables.astype(jnp.int32).reshape(-1), q_tiles, k_pages, v_pages)
     out = out.transpose(2, 0, 1, 3).reshape(padded, num_q_heads, head_dim)
@@ -288,7 +293,8 @@ def _check_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, *
     if q.ndim != 3:
         raise ValueError(f"q must be [tokens, q_heads, head_dim], got shape {q.shape}")
     if k_pages.ndim != 4:
-        raise ValueError(f"k_pages must be [kv_heads, pages, page_size, head_dim], got {k_pages.shape}")
+        raise ValueError(
+            f"k_pages must be [kv_heads, pages, page_size, head_dim], got shape {k_pages.shape}")
     if v_pages.shape != k_pages.shape:
         raise ValueError(f"v_pages shape {v_pages.shape} differs from k_pages {k_pages.shape}")
     if not q.dtype == k_pages.dtype == v_pages.dtype:
