@@ -70,7 +70,8 @@ class RowSpec:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplerOutput:
-    """token_ids i32[R]; logprobs f32[R] of the chosen ids; top_ids i32[R, K]; top_logprobs f32[R, K]."""
+    """token_ids i32[R]; logprobs f32[R] of the chosen ids; top_ids i32[R, K] and
+    top_logprobs f32[R, K] (K = plan.num_logprobs)."""
 
     token_ids: jax.Array
     logprobs: jax.Array
@@ -240,7 +241,8 @@ def _apply_penalties(logits: jax.Array, arrays: dict[str, jax.Array]) -> jax.Arr
     return jnp.where(banned, -jnp.inf, logits)
 
 
-def _keep_threshold(scaled: jax.Array, arrays: dict[str, jax.Array], plan: SamplerPlan) -> jax.Array:
+def _keep_threshold(scaled: jax.Array, arrays: dict[str, jax.Array],
+                    plan: SamplerPlan) -> jax.Array:
     """[R, 1] lowest temperature-scaled logit that min_p, top_k and top_p keep."""
     vocab = scaled.shape[1]
     threshold = scaled.max(axis=1, keepdims=True) + jnp.log(arrays["min_p"])[:, None]

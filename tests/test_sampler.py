@@ -146,8 +146,9 @@ def test_ties_at_a_top_k_or_top_p_boundary_are_all_kept():
 def test_min_p_top_k_top_p_combined_match_numpy():
     rng = np.random.default_rng(5)
     logits = random_logits(rng, 32, 50)
-    rows = [row(seed=i, temperature=float(rng.uniform(0.2, 2.0)), min_p=float(rng.choice([0, 0.02])),
-                top_k=int(rng.choice([0, 3, 10, 30])), top_p=float(rng.choice([1.0, 0.6, 0.9])))
+    rows = [row(seed=i, temperature=float(rng.uniform(0.2, 2.0)),
+                min_p=float(rng.choice([0, 0.02])), top_k=int(rng.choice([0, 3, 10, 30])),
+                top_p=float(rng.choice([1.0, 0.6, 0.9])))
             for i in range(32)]
     out = filtered(rows, logits)
     for r, spec in enumerate(rows):
@@ -219,13 +220,15 @@ def test_seeded_draws_are_reproducible_and_independent_of_the_batch():
 
 
 def test_row_key_is_fold_in_of_the_seed_key_and_step():
-    arrays = sampler.host_arrays(SamplerPlan(2), [row(seed=1234, step=7), row(seed=2**40 + 5, step=0)])
+    rows = [row(seed=1234, step=7), row(seed=2**40 + 5, step=0)]
+    arrays = sampler.host_arrays(SamplerPlan(2), rows)
     keys = sampler.row_keys(jnp.asarray(arrays["seed"]), jnp.asarray(arrays["step_index"]))
-    expected = jax.random.fold_in(jax.random.key(1234, impl="threefry2x32"), 7)
-    np.testing.assert_array_equal(jax.random.key_data(keys[0]), jax.random.key_data(expected))
-    np.testing.assert_array_equal(jax.random.key_data(keys[1]),
-                                  jax.random.key_data(jax.random.fold_in(
-                                      jax.random.wrap_key_data(jnp.array([2**8, 5], jnp.uint32)), 0)))
+    expected = [jax.random.fold_in(jax.random.key(1234, impl="threefry2x32"), 7),
+                # a 64-bit seed: key data is its (high, low) 32-bit halves
+                jax.random.fold_in(jax.random.wrap_key_data(
+                    jnp.array([2**8, 5], jnp.uint32), impl="threefry2x32"), 0)]
+    for got, want in zip(keys, expected):
+        np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(want))
 
 
 def test_sampling_frequencies_match_the_filtered_distribution():
@@ -291,8 +294,8 @@ def test_plan_for_picks_the_smallest_listed_plan_and_host_arrays_match_the_specs
                 for c in picked]
         plan = sampler.plan_for(rows, 4, MAX_CONTEXT)
         assert plan in plans
-        assert plan.filtering == any(c.get("temperature", 1.0) > 0 and ("top_k" in c or "top_p" in c)
-                                     for c in picked)
+        assert plan.filtering == any(
+            c.get("temperature", 1.0) > 0 and ("top_k" in c or "top_p" in c) for c in picked)
         assert (plan.num_logprobs > 0) == any(c.get("logprobs") for c in picked)
         assert (plan.penalty_len > 0) == any(k in c for c in picked for k in (
             "repetition_penalty", "presence_penalty", "min_tokens"))
