@@ -317,3 +317,23 @@ def test_plans_that_do_not_fit_the_rows_are_rejected():
         sampler.plan_for([row(repetition_penalty=1.2, prompt=[0] * 900)], 1, MAX_CONTEXT)
     with pytest.raises(ValueError, match="num_rows"):
         _sample(jnp.zeros((3, 10)), device_arrays(SamplerPlan(2), []), SamplerPlan(2))
+
+
+def test_the_common_path_neither_sorts_nor_takes_top_k_of_the_vocabulary():
+    def walk(jaxpr):  # primitive names, nested jaxprs (jit, scan, ...) included
+        for eqn in jaxpr.eqns:
+            yield eqn.primitive.name
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        yield from walk(sub)
+
+    def primitives(plan):
+        arrays = device_arrays(plan, [row(temperature=0.7, min_p=0.1)])
+        jaxpr = jax.make_jaxpr(sampler.sample, static_argnums=2)(jnp.zeros((4, 64)), arrays, plan)
+        return set(walk(jaxpr.jaxpr))
+
+    assert not {"sort", "top_k"} & primitives(SamplerPlan(4))
+    assert "sort" in primitives(SamplerPlan(4, filtering=True))
+    assert "top_k" in primitives(SamplerPlan(4, num_logprobs=MAX_LOGPROBS))
