@@ -118,10 +118,21 @@ def _rounded_to_bf16(case):
                                v_pages=round_(case.v_pages))
 
 
-def test_bf16_within_tolerance_at_page_size_32():
-    rng = np.random.default_rng(7)
+@pytest.mark.parametrize("page_size,head_dim", [(16, 128), (64, 32), (128, 64)])
+def test_fp32_at_other_page_sizes_and_head_dims(page_size, head_dim):
+    rng = np.random.default_rng(_seed("fp32", page_size, head_dim))
+    case = make_case(rng, q_lens=[1, 19, 1, 2], kv_lens=[2 * page_size + 1, 19, 3 * page_size, 97],
+                     num_q_heads=4, num_kv_heads=2, head_dim=head_dim, page_size=page_size)
+    out = _run(case, sm_scale=head_dim**-0.5, soft_cap=30.0, window=page_size + 3,
+               pages_per_block=2, queries_per_block=8)
+    _check(case, out, tol=1e-5, sm_scale=head_dim**-0.5, soft_cap=30.0, window=page_size + 3)
+
+
+@pytest.mark.parametrize("page_size,head_dim", [(32, 64), (16, 256)])
+def test_bf16_within_tolerance(page_size, head_dim):
+    rng = np.random.default_rng(_seed("bf16", page_size, head_dim))
     case = make_case(rng, q_lens=[1, 19, 1, 2], kv_lens=[30, 19, 64, 97], num_q_heads=8,
-                     num_kv_heads=2, head_dim=64, page_size=32)
+                     num_kv_heads=2, head_dim=head_dim, page_size=page_size)
     out = _run(case, sm_scale=0.125, soft_cap=50.0, window=40, dtype=jnp.bfloat16,
                pages_per_block=2, queries_per_block=16)
     _check(_rounded_to_bf16(case), out, tol=2e-2, sm_scale=0.125, soft_cap=50.0, window=40)

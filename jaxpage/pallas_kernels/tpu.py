@@ -21,7 +21,9 @@ masked with selects (V rows are zeroed too, since 0 * NaN is NaN). Softmax stati
 online in fp32 per (row, head) in VMEM scratch; rows owned by no sequence come out as zeros.
 
 Each grid step starts and drains its own copies, so both grid axes are independent ("parallel":
-a megacore chip may split them between its cores).
+a megacore chip may split them between its cores); the price is one exposed page-block copy at
+the start of every step. The flattened block table lives in SMEM, which bounds
+sequences x max_pages (about 256K entries on current chips).
 """
 
 from __future__ import annotations
@@ -208,14 +210,14 @@ def _kernel(first_seq_ref, end_seq_ref, qsl_ref, kv_lens_ref, tables_ref,  # sca
                             preferred_element_type=jnp.float32) * sm_scale
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
-        shape = (group, bq, block_keys)
-        row = r0 + lax.broadcasted_iota(jnp.int32, shape, 1)
-        key = key0 + lax.broadcasted_iota(jnp.int32, shape, 2)
+        row = r0 + lax.broadcasted_iota(jnp.int32, (bq, block_keys), 0)
+        key = key0 + lax.broadcasted_iota(jnp.int32, (bq, block_keys), 1)
         pos = row + sp.first_pos
         visible = (row >= sp.row_lo) & (row < sp.row_hi) & (key <= pos)
         if sliding_window is not None:
             visible &= key > pos - sliding_window
-        s = jnp.where(visible, s.reshape(shape), -jnp.inf).reshape(group * bq, block_keys)
+        s = s.reshape(group, bq, block_keys)  # the same mask for every q head of the group
+        s = jnp.where(visible[None], s, -jnp.inf).reshape(group * bq, block_keys)
 
         m_prev = m_ref[...]
         m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
