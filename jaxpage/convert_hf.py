@@ -77,28 +77,30 @@ def _linear_factor(params: dict | None, layers: str, where: Path) -> float:
 def _rope(text: dict, family: str, where: Path) -> dict[str, tuple[float, float]]:
     """(base, linear scale) per layer type from rope_parameters (5.x) or rope_theta & co (4.x)."""
     params = text.get("rope_parameters")
-    if family == "gemma2":
+    local_default = 10_000.0 if family == "gemma3" else text.get("rope_theta", 10_000.0)
+    global_default = text.get("rope_theta", 1e6 if family == "gemma3" else 10_000.0)
+    if isinstance(params, dict) and params and set(params) <= set(_HF_LAYER_TYPES):
+        full = params.get("full_attention") or {}  # keyed by layer type (Gemma 3 in 5.x)
+        local = params.get("sliding_attention") or {}
+        return {
+            GLOBAL: (float(full.get("rope_theta", global_default)),
+                     _linear_factor(full, "full_attention", where)),
+            LOCAL: (float(local.get("rope_theta", text.get("rope_local_base_freq", local_default))),
+                    _linear_factor(local, "sliding_attention", where)),
+        }
+    if family == "gemma2":  # one RoPE for every layer
         flat = params if isinstance(params, dict) else {}
         scaling = flat if ("rope_type" in flat or "type" in flat) else text.get("rope_scaling")
-        base = float(flat.get("rope_theta", text.get("rope_theta", 10_000.0)))
+        base = float(flat.get("rope_theta", global_default))
         scale = _linear_factor(scaling, "all", where)
         return {LOCAL: (base, scale), GLOBAL: (base, scale)}
     if isinstance(params, dict) and params:
-        if not set(params) <= set(_HF_LAYER_TYPES):
-            raise ConversionError(f"{where}: gemma3 rope_parameters must be keyed by layer type "
-                                  f"(full_attention, sliding_attention), got {sorted(params)}")
-        full = params.get("full_attention") or {}
-        local = params.get("sliding_attention") or {}
-        return {
-            GLOBAL: (float(full.get("rope_theta", text.get("rope_theta", 1e6))),
-                     _linear_factor(full, "full_attention", where)),
-            LOCAL: (float(local.get("rope_theta", text.get("rope_local_base_freq", 1e4))),
-                    _linear_factor(local, "sliding_attention", where)),
-        }
+        raise ConversionError(f"{where}: gemma3 rope_parameters must be keyed by layer type "
+                              f"(full_attention, sliding_attention), got {sorted(params)}")
     return {  # transformers 4.x: rope_scaling applies to the global (full attention) layers only
-        GLOBAL: (float(text.get("rope_theta", 1e6)),
+        GLOBAL: (float(global_default),
                  _linear_factor(text.get("rope_scaling"), "full_attention", where)),
-        LOCAL: (float(text.get("rope_local_base_freq", 1e4)), 1.0),
+        LOCAL: (float(text.get("rope_local_base_freq", local_default)), 1.0),
     }
 
 
@@ -154,8 +156,9 @@ def read_hf_config(src: Path, name: str | None = None) -> tuple[GemmaConfig, boo
 
     generation = src / "generation_config.json"
     gen_eos = _read_json(generation).get("eos_token_id") if generation.is_file() else None
-    eos = _ids(text.get("eos_token_id", top.get("eos_token_id")), (1,))
-    eos += tuple(i for i in _ids(gen_eos, ()) if i not in eos)
+    eos: tuple[int, ...] = ()  # every EOS id named anywhere stops generation
+    for ids in (text.get("eos_token_id"), top.get("eos_token_id"), gen_eos):
+        eos += tuple(i for i in _ids(ids, ()) if i not in eos)
     rope = _rope(text, family, where)
     num_layers = int(text["num_hidden_layers"])
     max_context = int(text["max_position_embeddings"])
@@ -175,7 +178,7 @@ def read_hf_config(src: Path, name: str | None = None) -> tuple[GemmaConfig, boo
             rope_local_base=rope[LOCAL][0], rope_local_scale=rope[LOCAL][1],
             rope_global_base=rope[GLOBAL][0], rope_global_scale=rope[GLOBAL][1],
             max_context=max_context, rms_norm_eps=float(text["rms_norm_eps"]),
-            bos_id=_int(text, top, "bos_token_id", 2), eos_ids=eos,
+            bos_id=_int(text, top, "bos_token_id", 2), eos_ids=eos or (1,),
             pad_id=_int(text, top, "pad_token_id", 0),
         )
     except (TypeError, ValueError, KeyError) as e:

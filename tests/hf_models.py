@@ -62,8 +62,8 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
         for name, p in model.named_parameters():
             if p.ndim == 1:  # RMSNorm scales, used as (1 + w)
                 std = 0.3
-            elif "embed_tokens" in name:
-                std = 1.0
+            elif "embed_tokens" in name:  # logits ~ 2 before the cap: soft-capped, not saturated
+                std = 0.15
             else:  # Linear [out, in]; q/k a bit larger so the attention soft-cap matters
                 std = (2.0 if ("q_proj" in name or "k_proj" in name) else 1.0) / p.shape[1] ** 0.5
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
