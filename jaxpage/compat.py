@@ -41,7 +41,7 @@ def tpu_interpret_races_found() -> bool:
     """Whether the TPU interpret-mode race detector flagged a race in the last detecting run."""
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call  # noqa: PLC0415
 
-    races = getattr(interpret_pallas_call, "races", None)
+    races = interpret_pallas_call.races  # an AttributeError here means JAX moved the flag
     return bool(races is not None and races.races_found)
 
 
