@@ -250,7 +250,7 @@ class LLMEngine:
         return sampler.RowSpec(params=params, seed=seq.seed, step_index=seq.num_output_tokens,
                                prompt_token_ids=seq.request.prompt_token_ids,
                                output_token_ids=seq.output_token_ids,
-                               eos_token_ids=seq.request.eos_token_ids)
+                               eos_token_ids=() if params.ignore_eos else seq.request.eos_token_ids)
 
     @staticmethod
     def _beam_params(request: Request) -> SamplingParams:
