@@ -262,6 +262,7 @@ def test_kernel_lowers_to_a_mosaic_tpu_custom_call(dtype, head_dim, page_size):
     (dict(kv_lens=np.zeros((3,), np.int32)), "kv_lens shape"),
     (dict(query_start_loc=np.zeros((2,), np.int32)), "query_start_loc shape"),
     (dict(block_tables=np.zeros((2, 2), np.float32)), "block_tables must be an integer"),
+    (dict(q=np.zeros((4, 4, 32), jnp.bfloat16)), "must share a dtype"),
     (dict(k_pages=np.zeros((2, 9, 12, 32), np.float32),
           v_pages=np.zeros((2, 9, 12, 32), np.float32)), "page_size must be a multiple of 8"),
 ])
