@@ -5,7 +5,8 @@ Layout of a checkpoint directory:
     DIR/jaxpage_config.json   {"format": "jaxpage", "format_version": 1, "param_dtype": ...,
                                "config": GemmaConfig.to_dict()}
     DIR/params/               Orbax (StandardCheckpointer) checkpoint of the params as a nested dict
-                              of the model's param tree: embedder/embedding, layers/<i>/attn/q_proj, ...
+                              of the model's param tree (embedder/embedding,
+                              layers/<i>/attn/q_proj, ...)
     DIR/tokenizer.model       optional SentencePiece model
 
 Params are addressed by '/'-joined paths such as "layers/3/attn/kv_proj" throughout.

@@ -33,7 +33,8 @@ class ParamBuilder:
 
     def __init__(self, config: GemmaConfig, dtype: str, *, check_finite: bool = False):
         if dtype not in TARGET_DTYPES:
-            raise ConversionError(f"--dtype must be one of {', '.join(TARGET_DTYPES)}, got {dtype!r}")
+            raise ConversionError(
+                f"--dtype must be one of {', '.join(TARGET_DTYPES)}, got {dtype!r}")
         self.config = config
         self.dtype = TARGET_DTYPES[dtype]
         self.dtype_name = dtype

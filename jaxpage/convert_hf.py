@@ -114,13 +114,13 @@ def _layer_types(text: dict, family: str, num_layers: int, where: Path) -> tuple
         return tuple(_HF_LAYER_TYPES[t] for t in types)
     if family == "gemma2":
         return tuple(LOCAL if i % 2 == 0 else GLOBAL for i in range(num_layers))
-    pattern = int(text.get("sliding_window_pattern", 6))
+    pattern = int(text.get("sliding_window_pattern", text.get("_sliding_window_pattern", 6)))
     return tuple(GLOBAL if (i + 1) % pattern == 0 else LOCAL for i in range(num_layers))
 
 
-def _ids(value, default: tuple[int, ...]) -> tuple[int, ...]:
+def _ids(value) -> tuple[int, ...]:
     if value is None:
-        return default
+        return ()
     return tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
 
 
@@ -145,7 +145,8 @@ def read_hf_config(src: Path, name: str | None = None) -> tuple[GemmaConfig, boo
     else:
         raise ConversionError(f"{where}: unknown model_type {model_type!r} "
                               "(want gemma2, gemma3_text or gemma3)")
-    text = {**_DEFAULTS[family], **{k: v for k, v in text.items() if v is not None or k in _NONE_OK}}
+    given = {k: v for k, v in text.items() if v is not None or k in _NONE_OK}
+    text = {**_DEFAULTS[family], **given}
     activation = text.get("hidden_activation") or text.get("hidden_act") or _OK_ACTIVATIONS[0]
     if activation not in _OK_ACTIVATIONS:
         raise ConversionError(f"{where}: hidden_activation {activation!r} is not supported "
@@ -158,11 +159,11 @@ def read_hf_config(src: Path, name: str | None = None) -> tuple[GemmaConfig, boo
     gen_eos = _read_json(generation).get("eos_token_id") if generation.is_file() else None
     eos: tuple[int, ...] = ()  # every EOS id named anywhere stops generation
     for ids in (text.get("eos_token_id"), top.get("eos_token_id"), gen_eos):
-        eos += tuple(i for i in _ids(ids, ()) if i not in eos)
-    rope = _rope(text, family, where)
-    num_layers = int(text["num_hidden_layers"])
-    max_context = int(text["max_position_embeddings"])
+        eos += tuple(i for i in _ids(ids) if i not in eos)
     try:
+        rope = _rope(text, family, where)
+        num_layers = int(text["num_hidden_layers"])
+        max_context = int(text["max_position_embeddings"])
         config = GemmaConfig(
             name=name or f"hf:{src.absolute().name}", family=family,
             vocab_size=int(text["vocab_size"]), d_model=int(text["hidden_size"]),
@@ -289,10 +290,13 @@ def _strip_prefix(key: str) -> str | None:
     return None
 
 
-def _plan(config: GemmaConfig, headers: dict) -> tuple[dict[str, tuple[str, Path, _Spec]], list[str]]:
+Plan = dict[str, tuple[str, Path, _Spec]]  # key without prefix -> (HF key, file, spec)
+
+
+def _plan(config: GemmaConfig, headers: dict) -> tuple[Plan, list[str]]:
     """Match every tensor to its spec, checking dtype and shape before any data is read.
 
-    Returns {key without prefix: (HF key, file, spec)} and the lm_head keys present.
+    Returns the plan and the lm_head keys present.
     """
     specs = _specs(config)
     plan, lm_heads, unexpected, prefixes = {}, [], [], []
@@ -325,7 +329,8 @@ def _plan(config: GemmaConfig, headers: dict) -> tuple[dict[str, tuple[str, Path
     prefix = max(set(prefixes), key=prefixes.count) if prefixes else TEXT_PREFIXES[-1]
     missing = [prefix + k for k in specs if k not in plan]
     if missing:
-        files = ", ".join(sorted({f.name for f, _, _ in headers.values()}))
+        names = sorted({f.name for f, _, _ in headers.values()})
+        files = ", ".join(names) if len(names) <= 3 else f"the {len(names)} files {names[0]} ..."
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ConversionError(f"missing tensors {', '.join(missing[:5])}{more} in {files}")
     return plan, lm_heads

@@ -119,7 +119,10 @@ def _gating(w: np.ndarray, c: GemmaConfig, where: str) -> np.ndarray:
 Pieces = list[tuple[str, int | None, np.ndarray]]  # (our param within the layer, part, value)
 
 
-def _layer_rules(c: GemmaConfig) -> dict[str, tuple[tuple[int, ...], Callable[[np.ndarray], Pieces]]]:
+Rules = dict[str, tuple[tuple[int, ...], Callable[[np.ndarray], Pieces]]]
+
+
+def _layer_rules(c: GemmaConfig) -> Rules:
     """Official name within a layer -> (its expected shape, the pieces of our params it holds)."""
     d, h, kvh, hd, f = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.ffw_hidden
     heads_last = lambda w: w.transpose(1, 0, 2)  # [N, d, Dh] -> [d, N, Dh]  # noqa: E731

@@ -138,7 +138,8 @@ def official_layout(model: torch.nn.Module, c: GemmaConfig, *, gating_f_first: b
             "final_norm/scale": sd["model.norm.weight"]}
     for i in range(c.num_layers):
         w = lambda k: sd[f"model.layers.{i}.{k}.weight"]  # noqa: E731, B023
-        heads = lambda x, n: x.reshape(n, hd, d).transpose(0, 2, 1)  # [n*Dh, d] -> [n, d, Dh]  # noqa: E731
+        # [n*Dh, d] -> [n, d, Dh]
+        heads = lambda x, n: x.reshape(n, hd, d).transpose(0, 2, 1)  # noqa: E731
         gate, up = w("mlp.gate_proj"), w("mlp.up_proj")  # [F, d]
         layer = {
             "attn/q_einsum/w": heads(w("self_attn.q_proj"), h),

@@ -82,7 +82,8 @@ def reference(tmp_path_factory) -> dict[str, Path]:
 # -- Hugging Face: accepted layouts ------------------------------------------------------------
 def test_sharded_checkpoint_with_index_gives_the_same_params(reference, tmp_path, capsys):
     src = hf_dir(G3, sharded=True)
-    assert len(list(src.glob("*.safetensors"))) > 5 and (src / "model.safetensors.index.json").exists()
+    assert len(list(src.glob("*.safetensors"))) > 5
+    assert (src / "model.safetensors.index.json").exists()
     assert run(capsys, src, tmp_path / "out")[0] == 0
     assert_same_params(tmp_path / "out", reference[G3])
 
@@ -306,8 +307,8 @@ def test_official_qkv_einsum_gives_the_same_params_as_q_and_kv_einsum(tmp_path):
     assert set(a) == set(b)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    np.testing.assert_array_equal(  # q_proj[d, h, :] is q_einsum[h, d, :]
-        a["layers/1/attn/q_proj"][5, 2], qkv_tree["transformer/layer_1/attn/qkv_einsum"]["w"][0, 2, 5])
+    q_einsum = qkv_tree["transformer/layer_1/attn/qkv_einsum"]["w"][0]
+    np.testing.assert_array_equal(a["layers/1/attn/q_proj"][5, 2], q_einsum[2, 5])  # [d,h] vs [h,d]
 
 
 def test_official_gating_orientations_agree_and_d_equal_f_is_ambiguous(tmp_path):

@@ -141,6 +141,14 @@ def greedy(model, prompt: list[int], max_new: int) -> list[int]:
     return out
 
 
+def hf_greedy(model: torch.nn.Module, seq: list[int]) -> list[int]:
+    """HF `generate(do_sample=False)` continuation of `seq` (MAX_NEW tokens or up to EOS)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([seq]), attention_mask=torch.ones(1, len(seq)),
+                             do_sample=False, max_new_tokens=MAX_NEW)
+    return out[0, len(seq):].tolist()
+
+
 def hf_logits(model: torch.nn.Module, seq: list[int]) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor([seq])).logits[0].float().numpy()
@@ -193,10 +201,7 @@ def test_greedy_tokens_match_hf_generate(name):
     _, model = loaded(name)
     hf = hf_model(name)
     for seq in prompts(name):
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([seq]), attention_mask=torch.ones(1, len(seq)),
-                              do_sample=False, max_new_tokens=MAX_NEW)[0, len(seq):].tolist()
-        assert greedy(model, seq, MAX_NEW) == ref
+        assert greedy(model, seq, MAX_NEW) == hf_greedy(hf, seq)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -224,11 +229,7 @@ def test_bf16_argmax_agrees_with_hf_bf16_on_a_shared_token_stream(name):
     assert model.embedder.embedding[...].dtype == jnp.bfloat16
     hf32 = hf_model(name)
     hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
-    streams = []
-    for seq in prompts(name):
-        with torch.no_grad():
-            streams.append(hf32.generate(torch.tensor([seq]), attention_mask=torch.ones(1, len(seq)),
-                                         do_sample=False, max_new_tokens=MAX_NEW)[0].tolist())
+    streams = [seq + hf_greedy(hf32, seq) for seq in prompts(name)]
     agree = strict = total = 0
     for stream, ours in zip(streams, prefill_logits(model, streams)):
         ref = hf_logits(hf16, stream)
