@@ -91,6 +91,21 @@ def fill_queries(prob: Problem, reps: int, dtype):
                                   (m["batch"] * m["q_len"], m["q_heads"], m["head_dim"]), dtype))
 
 
+_CUPTI = {"ok": None}  # None: not tried yet
+
+
+def _cupti_measure():
+    """jax.experimental.mosaic.gpu.profiler.measure (CUPTI kernel timings), or None."""
+    if _CUPTI["ok"] is False or jax.devices()[0].platform != "gpu":
+        return None
+    try:
+        from jax.experimental.mosaic.gpu import profiler  # noqa: PLC0415
+        return profiler.measure
+    except Exception:  # noqa: BLE001 - fall back to host timing
+        _CUPTI["ok"] = False
+        return None
+
+
 def call_overhead_s() -> float:
     f = jax.jit(lambda x: x + 1)
     x = jnp.zeros((8,), jnp.float32)
@@ -102,58 +117,73 @@ def call_overhead_s() -> float:
     return statistics.median(times[10:])
 
 
-def time_impl(fn, prob: Problem, overhead_s: float, dtype, reps: int = 15,
-              calls: int | None = None) -> tuple[dict, object]:
-    """Median seconds per kernel call, and the output of one call on (q 0, KV set 0).
-
-    A timed jit call runs R kernel calls (distinct q's so XLA cannot merge them, KV sets in
-    rotation so L2 holds none of them), with R picked so the call takes ~TARGET_CALL_S; the
-    host round trip measured by `call_overhead_s` is subtracted. `calls` fixes R (no
-    calibration compile).
-    """
-    def many(qs, kvs):
-        return [fn(q, kvs[i % len(kvs)]) for i, q in enumerate(qs)]
-
-    def timed(r):
-        fill_queries(prob, r, dtype)
-        f = jax.jit(many)
-        args = (prob.qs[:r], prob.kvs)
-        first = jax.block_until_ready(f(*args))[0]
+def device_seconds(f, args, reps: int, overhead_s: float) -> list[float]:
+    """Seconds of device time per call of jitted f: CUPTI kernel time, else host time."""
+    measure = _cupti_measure()
+    if measure is not None:
+        try:
+            _, ms = measure(f, iterations=reps)(*args)
+            _CUPTI["ok"] = True
+            return [t * 1e-3 for t in ms]
+        except RuntimeError as e:
+            if _CUPTI["ok"]:  # CUPTI worked before: this error is the function's own
+                raise
+            print(f"CUPTI timing unavailable ({e}); using host clock", flush=True)
+            _CUPTI["ok"] = False
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
         jax.block_until_ready(f(*args))
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            times.append(time.perf_counter() - t0)
-        return times, first
+        times.append(time.perf_counter() - t0 - overhead_s)
+    return times
 
-    if calls is None:
-        times, first = timed(1)
-        r = int(max(1, min(64, TARGET_CALL_S // max(statistics.median(times) - overhead_s, 1e-6))))
-        if r > 1:
-            times, _ = timed(r)
-    else:
-        r = calls
-        times, first = timed(r)
-    per_call = [(t - overhead_s) / r for t in times]
+
+def time_impl(fn, prob: Problem, overhead_s: float, dtype, reps: int = 20) -> tuple[dict, object]:
+    """Median device microseconds per kernel call, and the output for (q 0, KV set 0).
+
+    One timed jit call runs R calls of `fn` with distinct q's (so XLA cannot merge them) over
+    the KV sets in rotation (so L2 holds none of them); device time is summed over all kernels
+    the call launches (CUPTI; launch gaps not included) and divided by R.
+    """
+    r = max(4, 2 * len(prob.kvs))
+    fill_queries(prob, r, dtype)
+    f = jax.jit(lambda qs, kvs: [fn(q, kvs[i % len(kvs)]) for i, q in enumerate(qs)])
+    args = (prob.qs[:r], prob.kvs)
+    first = jax.block_until_ready(f(*args))[0]
+    per_call = [t / r for t in device_seconds(f, args, reps, overhead_s)]
     return dict(us=1e6 * statistics.median(per_call), us_min=1e6 * min(per_call),
                 us_max=1e6 * max(per_call), calls_per_timing=r), first
 
 
 def hbm_bandwidth(overhead_s: float) -> dict:
-    """Device-to-device copy (bytes read + written) and a read-only reduction, TB/s."""
+    """TB/s of an XLA elementwise pass (bytes read + written), an XLA read-only reduction, and
+    a torch device-to-device copy (CUDA events) when torch is there."""
     n = 1 << 29  # 1 GiB of bf16
     x = _rng_array(jax.random.key(7), (n,), jnp.bfloat16)
     out = {}
-    for name, f, nbytes in (("copy", jax.jit(lambda a: a + 1), 4 * n),
-                            ("read", jax.jit(lambda a: a.astype(jnp.float32).sum()), 2 * n)):
-        jax.block_until_ready(f(x))
-        ts = []
-        for _ in range(20):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(x))
-            ts.append(time.perf_counter() - t0 - overhead_s)
-        out[name + "_tbps"] = nbytes / statistics.median(ts) / 1e12
+    for name, f, nbytes in (("xla_copy", jax.jit(lambda a: a + 1), 4 * n),
+                            ("xla_read", jax.jit(lambda a: a.astype(jnp.float32).sum()), 2 * n)):
+        out[name + "_tbps"] = nbytes / statistics.median(device_seconds(f, (x,), 20, overhead_s)) / 1e12
+    del x
+    try:
+        import torch  # noqa: PLC0415 - optional reference for the copy ceiling
+
+        a = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
+        b = torch.empty_like(a)
+        ms = []
+        for _ in range(25):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            b.copy_(a)
+            end.record()
+            end.synchronize()
+            ms.append(start.elapsed_time(end))
+        out["torch_copy_tbps"] = 4 * n / (statistics.median(ms[5:]) * 1e-3) / 1e12
+        del a, b
+        torch.cuda.empty_cache()
+    except Exception as e:  # noqa: BLE001
+        out["torch_copy"] = f"unavailable: {type(e).__name__}"
     return out
 
 
@@ -204,34 +234,31 @@ def prefill_impls(prob: Problem, soft_cap: float, variants: dict) -> dict:
     return impls
 
 
-def write_kv_impl(prob: Problem):
-    """attention.write_kv of one step's new K/V (the cache donated, as in the real step)."""
+def write_kv_us(prob: Problem, overhead_s: float) -> float:
+    """Device microseconds of one attention.write_kv (the step's new K/V into their pages).
+
+    Writes are chained in one call; the first copies the cache (no donation here), so the cost
+    per write is (t(17 writes) - t(1 write)) / 16.
+    """
     m = prob.meta
     kv = prob.kvs[0]
-    md = AttentionMetadata(query_start_loc=kv["qsl"],
-                           kv_lens=kv["kv_lens"], block_tables={"global": kv["block_tables"]},
-                           backend="xla", max_query_len=m["q_len"])
+    md = AttentionMetadata(query_start_loc=kv["qsl"], kv_lens=kv["kv_lens"],
+                           block_tables={"global": kv["block_tables"]}, backend="xla",
+                           max_query_len=m["q_len"])
     new = _rng_array(jax.random.key(3), (m["batch"] * m["q_len"], m["kv_heads"], m["head_dim"]),
                      kv["k_pages"].dtype)
-    reps = 16  # writes chained in one call (in place: the cache is donated)
-    f = jax.jit(lambda kp, vp, k: _chain_writes(kp, vp, k, md, reps), donate_argnums=(0, 1))
-    kp, vp = jnp.copy(kv["k_pages"]), jnp.copy(kv["v_pages"])
-    for _ in range(3):
-        kp, vp = f(kp, vp, new)
-    jax.block_until_ready(kp)
-    ts = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        kp, vp = f(kp, vp, new)
-        jax.block_until_ready(kp)
-        ts.append((time.perf_counter() - t0) / reps)
-    return 1e6 * statistics.median(ts)
 
+    def chain(kp, vp, k, n):
+        for _ in range(n):
+            kp, vp = write_kv(kp, vp, k, k, md, "global")
+        return kp, vp
 
-def _chain_writes(kp, vp, k, md, reps):
-    for _ in range(reps):
-        kp, vp = write_kv(kp, vp, k, k, md, "global")
-    return kp, vp
+    t = {}
+    for n in (1, 17):
+        f = jax.jit(lambda kp, vp, k, n=n: chain(kp, vp, k, n))
+        t[n] = statistics.median(device_seconds(f, (kv["k_pages"], kv["v_pages"], new), 10,
+                                                overhead_s))
+    return 1e6 * (t[17] - t[1]) / 16
 
 
 def rel_errors(outputs: dict) -> dict:
@@ -250,37 +277,38 @@ def rel_errors(outputs: dict) -> dict:
     return errs
 
 
-def sweep_variants(kind: str, head_dim: int) -> dict:
-    if kind == "decode":
-        out = {}
-        for bk in (32, 64, 128):
-            for warps, stages in ((4, 2), (4, 3), (8, 3)):
-                out[f"bk{bk}_w{warps}_s{stages}"] = (bk, warps, stages)
-        return out
-    return {f"m{m}_bk{bk}_w{w}_s{s}": PrefillConfig(block_m=m, block_k=bk, num_warps=w, num_stages=s)
-            for m, bk, w, s in ((64, 32, 4, 2), (64, 64, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2),
-                                (128, 64, 8, 3), (64, 128, 4, 2))}
-
-
-def decode_variant_configs(prob: Problem, sweep: dict) -> dict:
-    """Concrete DecodeConfigs (splits from the default heuristic) for the sweep entries."""
+def decode_variants(prob: Problem) -> dict:
+    """Tile/launch variants of our decode kernel around the defaults."""
     m = prob.meta
-    p = gc.AttnParams(sm_scale=1.0, soft_cap=None, sliding_window=None,
-                          num_q_heads=m["q_heads"], num_kv_heads=m["kv_heads"],
-                          head_dim=m["head_dim"], page_size=m["page_size"],
-                          num_pages=m["batch"] * m["ctx"] // m["page_size"] + 1)
+    p = gc.AttnParams(sm_scale=1.0, soft_cap=None, sliding_window=None, num_q_heads=m["q_heads"],
+                      num_kv_heads=m["kv_heads"], head_dim=m["head_dim"], page_size=m["page_size"],
+                      num_pages=m["batch"] * m["ctx"] // m["page_size"] + 1)
     base, _ = gpu.default_configs(p, m["dtype"], m["batch"], m["ctx"] // m["page_size"], False)
     out = {}
-    for name, (bk, warps, stages) in sweep.items():
-        blocks = m["ctx"] // bk
-        splits = max(1, min(blocks, -(-4 * 132 // (m["batch"] * m["kv_heads"]))))
-        out[name] = DecodeConfig(block_k=bk, num_splits=splits, num_warps=warps, num_stages=stages)
-    for mult in (2, 4):
-        out[f"default_splits_x{mult}"] = dataclasses.replace(
-            base, num_splits=min(m["ctx"] // base.block_k, base.num_splits * mult))
-    if base.num_splits > 1:
-        out["default_splits_1"] = dataclasses.replace(base, num_splits=1)
+    for bk in (32, 64):
+        for warps, stages, prefetch in ((4, 2, False), (4, 3, False), (4, 4, False),
+                                        (4, 1, True), (4, 2, True)):
+            cfg = dataclasses.replace(base, block_k=bk, num_warps=warps, num_stages=stages,
+                                      prefetch=prefetch)
+            out[f"bk{bk}_w{warps}_s{stages}" + ("_pf" if prefetch else "")] = cfg
+    out["bk64_w8_s3"] = dataclasses.replace(base, block_k=64, num_warps=8, num_stages=3)
+    max_splits = max(1, m["ctx"] // base.block_k)
+    for name, splits in (("splits_1", 1), ("splits_half", max(1, base.num_splits // 2)),
+                         ("splits_x2", min(max_splits, 2 * base.num_splits)),
+                         ("splits_x4", min(max_splits, 4 * base.num_splits))):
+        if splits != base.num_splits:
+            out[f"{name}={splits}"] = dataclasses.replace(base, num_splits=splits)
     return out
+
+
+def prefill_variants(head_dim: int) -> dict:
+    combos = [(64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3),
+              (128, 64, 8, 2)]
+    if head_dim <= 128:
+        combos += [(128, 128, 8, 2), (64, 128, 4, 3)]
+    return {f"m{bm}_bk{bk}_w{w}_s{st}": PrefillConfig(block_m=bm, block_k=bk, num_warps=w,
+                                                      num_stages=st)
+            for bm, bk, w, st in combos}
 
 
 def run_problem(kind, prob, impls, overhead, dtype) -> list[dict]:
@@ -289,8 +317,7 @@ def run_problem(kind, prob, impls, overhead, dtype) -> list[dict]:
     for name, fn in impls.items():
         row = dict(kind=kind, problem=prob.name, impl=name, **m)
         try:
-            calls = rows[0].get("calls_per_timing") if name.startswith("ours[") else None
-            timing, outputs[name] = time_impl(fn, prob, overhead, dtype, calls=calls)
+            timing, outputs[name] = time_impl(fn, prob, overhead, dtype)
             row.update(timing)
             flops = prob.flops
             if name.endswith("_full"):  # attends every key of the context
@@ -342,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     overhead = call_overhead_s()
     info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=dev.device_kind, jax=jax.__version__, command=" ".join(sys.argv),
-                call_overhead_us=1e6 * overhead, **hbm_bandwidth(overhead))
+                call_overhead_us=1e6 * overhead, hbm=hbm_bandwidth(overhead))
+    info["timing"] = "CUPTI kernel time" if _CUPTI["ok"] else "host clock minus call overhead"
     print(json.dumps(info), flush=True)
     heads = HEADS[:1] if args.quick else HEADS
     sizes = DECODE_SIZES[::2] if args.quick else DECODE_SIZES
@@ -350,13 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     for hq, hkv, d in heads:
         for b, ctx in sizes:
             prob = make_problem(f"decode {b}x{ctx}", b, 1, ctx, hq, hkv, d, args.page_size, dtype)
-            variants = {}
-            if args.sweep and d == 256 and (b, ctx) in ((8, 1024), (128, 4096)):
-                variants = decode_variant_configs(prob, sweep_variants("decode", d))
+            sweep_here = args.sweep and ((b, ctx) == (128, 4096) or (d == 256 and b == 8))
+            variants = decode_variants(prob) if sweep_here else {}
             rows += run_problem("decode", prob, decode_impls(prob, args.soft_cap, variants),
                                 overhead, dtype)
             rows.append(dict(kind="write_kv", problem=prob.name, impl="write_kv", **prob.meta,
-                             us=write_kv_impl(prob)))
+                             us=write_kv_us(prob, overhead)))
             print(f"write_kv {prob.name} {rows[-1]['us']:.1f} us", flush=True)
             _write_results(args, info, rows, quiet=True)
             del prob
@@ -365,11 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         for b in PREFILL_BATCHES[-1:] if args.quick else PREFILL_BATCHES:
             prob = make_problem(f"prefill {b}x{PREFILL_NEW}/{PREFILL_CTX}", b, PREFILL_NEW,
                                 PREFILL_CTX, hq, hkv, d, args.page_size, dtype)
-            variants = sweep_variants("prefill", d) if args.sweep and b == 4 else {}
+            variants = prefill_variants(d) if args.sweep and b == 4 else {}
             rows += run_problem("prefill", prob, prefill_impls(prob, args.soft_cap, variants),
                                 overhead, dtype)
             rows.append(dict(kind="write_kv", problem=prob.name, impl="write_kv", **prob.meta,
-                             us=write_kv_impl(prob)))
+                             us=write_kv_us(prob, overhead)))
             print(f"write_kv {prob.name} {rows[-1]['us']:.1f} us", flush=True)
             _write_results(args, info, rows, quiet=True)
             del prob
@@ -384,8 +411,9 @@ def _write_results(args, info: dict, rows: list[dict], quiet: bool = False) -> N
         json.dump(dict(info=info, rows=rows), f, indent=1)
     lines = [f"# Attention kernels, {info['device']}, JAX {info['jax']}, {info['date']}", "",
              f"Command: `{info['command']}`", "",
-             f"HBM: copy {info['copy_tbps']:.2f} TB/s (read+write), read {info['read_tbps']:.2f} "
-             f"TB/s; per-call overhead {info['call_overhead_us']:.0f} us (subtracted)", "",
+             "HBM TB/s: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                   for k, v in info["hbm"].items()),
+             "", f"Timing: {info['timing']}, median per call", "",
              "| kind | size | heads q/kv/D | impl | us | KV TB/s | TFLOP/s | rel err |",
              "|---|---|---|---|---:|---:|---:|---|"]
     for r in rows:

@@ -18,10 +18,13 @@ from jaxpage.pallas_kernels import gpu_common as gc
 from jaxpage.pallas_kernels.gpu_decode import DecodeConfig, decode_attention
 from jaxpage.pallas_kernels.gpu_prefill import PrefillConfig, prefill_attention
 
-# Bytes of K plus V one decode step should move (several pages per step keeps the copies long).
-_DECODE_STEP_BYTES = 64 * 1024
-# Programs the decode grid should offer before kv splits stop helping (H100/H200: 132 SMs).
-_DECODE_TARGET_PROGRAMS = 4 * 132
+# Bytes of K plus V one decode step moves (several pages per step keeps the copies long).
+_DECODE_STEP_BYTES = 32 * 1024
+# Programs the decode grid should offer (H100/H200: 132 SMs, a few programs resident on each),
+# so the last wave of a long-sequence batch is a small fraction of the run ...
+_DECODE_TARGET_PROGRAMS = 8 * 132
+# ... but no split gets fewer key blocks than this.
+_DECODE_MIN_BLOCKS_PER_SPLIT = 4
 
 
 def default_configs(p: gc.AttnParams, dtype, num_seqs: int, max_pages: int, interpret: bool,
@@ -30,8 +33,10 @@ def default_configs(p: gc.AttnParams, dtype, num_seqs: int, max_pages: int, inte
     itemsize = jnp.dtype(dtype).itemsize
     block_k = max(16, min(256, gc.next_power_of_2(_DECODE_STEP_BYTES // (2 * p.head_dim * itemsize))))
     max_blocks = max(1, -(-max_pages * p.page_size // block_k))
-    programs = num_seqs * p.num_kv_heads
-    splits = 1 if interpret else max(1, min(max_blocks, -(-_DECODE_TARGET_PROGRAMS // programs)))
+    wanted = -(-_DECODE_TARGET_PROGRAMS // (num_seqs * p.num_kv_heads))
+    splits = max(1, min(wanted, max_blocks // _DECODE_MIN_BLOCKS_PER_SPLIT))
+    if interpret:
+        splits = 1
     decode = DecodeConfig(block_k=block_k, num_splits=splits, num_warps=4, num_stages=2)
     block_m = max(64 if p.head_dim > 128 else 128, p.group_pad)
     prefill = PrefillConfig(block_m=block_m, block_k=64 if p.head_dim > 128 else 64,

@@ -29,6 +29,9 @@ class DecodeConfig:
     num_splits: int = 1      # kv splits per (sequence, kv head)
     num_warps: int = 4
     num_stages: int = 2
+    # Load block b+1 into registers before computing on block b (manual double buffering), for
+    # when the compiler's own pipeliner does not overlap the block-table-indirect loads.
+    prefetch: bool = False
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -62,15 +65,26 @@ def _decode_kernel(qsl_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs,
     heads = kv_head * p.group + g
     q = gc.load_rows(q_ref, q_row * p.num_q_heads + heads, head_ok & has_query)
 
-    def body(b, carry):
+    def load_block(b):
         tokens = first_token + b * cfg.block_k + jnp.arange(cfg.block_k, dtype=jnp.int32)
-        visible = (tokens >= lo) & (tokens < hi)
+        visible = (tokens >= lo) & (tokens < hi) & (b < block_hi)
         rows = gc.kv_rows(bt_ref, seq, kv_head, tokens, visible, p)
-        k = gc.load_rows(k_ref, rows, visible)
-        v = gc.load_rows(v_ref, rows, visible)
-        return gc.attend_block(carry, q, k, v, visible[None, :], p)
+        return gc.load_rows(k_ref, rows, visible), gc.load_rows(v_ref, rows, visible), visible
 
-    m, l, acc = jax.lax.fori_loop(block_lo, block_hi, body, gc.init_carry(tile_rows(p), p.head_dim))
+    init = gc.init_carry(tile_rows(p), p.head_dim)
+    if cfg.prefetch:
+        def body(b, state):
+            carry, k, v, visible = state
+            following = load_block(b + 1)
+            return gc.attend_block(carry, q, k, v, visible[None, :], p), *following
+
+        m, l, acc = jax.lax.fori_loop(block_lo, block_hi, body, (init, *load_block(block_lo)))[0]
+    else:
+        def body(b, carry):
+            k, v, visible = load_block(b)
+            return gc.attend_block(carry, q, k, v, visible[None, :], p)
+
+        m, l, acc = jax.lax.fori_loop(block_lo, block_hi, body, init)
 
     if cfg.num_splits == 1:
         (o_ref,) = out_refs
@@ -84,9 +98,12 @@ def _decode_kernel(qsl_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs,
 
 
 def combine_splits(o: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
-    """Merge per-split partials o [S, splits, Hq, D], m/l [S, splits, Hq] into [S, Hq, D]."""
+    """Merge per-split partials o [S, splits, Hq, D], m/l [S, splits, Hq] into [S, Hq, D].
+
+    m is the running max in log2 units (see gpu_common.attend_block).
+    """
     m_max = m.max(axis=1, keepdims=True)
-    w = jnp.exp(m - m_max)
+    w = jnp.exp2(m - m_max)
     l_sum = (l * w).sum(axis=1)
     o_sum = (o * w[..., None]).sum(axis=1)
     return jnp.where(l_sum[..., None] > 0, o_sum / jnp.where(l_sum > 0, l_sum, 1.0)[..., None], 0.0)
