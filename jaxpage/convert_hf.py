@@ -336,6 +336,14 @@ def _plan(config: GemmaConfig, headers: dict) -> tuple[Plan, list[str]]:
     return plan, lm_heads
 
 
+def _host_device() -> jax.Device:
+    """Where tensors read by safetensors land: the CPU, unless JAX runs without its CPU backend."""
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:
+        return jax.devices()[0]
+
+
 def convert_hf(src: Path, builder_for: Callable[[GemmaConfig], ParamBuilder], *,
                name: str | None = None) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
     """Read the HF checkpoint in `src`; returns its config and the converted params by path."""
@@ -346,7 +354,7 @@ def convert_hf(src: Path, builder_for: Callable[[GemmaConfig], ParamBuilder], *,
     by_file: dict[Path, list[tuple[str, _Spec]]] = {}
     for key, file, spec in plan.values():
         by_file.setdefault(file, []).append((key, spec))
-    with jax.default_device(jax.devices("cpu")[0]), \
+    with jax.default_device(_host_device()), \
             tqdm(total=len(plan), desc="converting", unit="tensor", disable=None) as bar:
         for file, entries in by_file.items():
             with safe_open(file, framework="flax") as f:
