@@ -176,6 +176,8 @@ def convert_official(src: Path, builder_for: Callable[[GemmaConfig], ParamBuilde
     `model` is a registry name or a GemmaConfig; None infers it from the shapes.
     """
     weights = read_orbax(src)
+    if not any(k.startswith(PREFIX) for k in weights):  # params saved without the top level
+        weights = {PREFIX + k: v for k, v in weights.items()}
     weights = {k: v for k, v in weights.items() if k.startswith(PREFIX) and not k.startswith(SKIP)}
     if not weights:
         raise ConversionError(f"{src}: the Orbax checkpoint has no {PREFIX}* params "

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from hf_models import copy_hf_dir, edit_config, hf_dir, save_orbax
+from jaxpage import checkpoint as checkpoint_module
 from jaxpage import convert as convert_module
 from jaxpage.checkpoint import flatten_params, load_checkpoint
 from jaxpage.convert import main as convert_main
@@ -241,11 +243,12 @@ def test_failure_while_reading_the_last_shard_leaves_no_dst(tmp_path, capsys):
 
 
 def test_failure_after_params_were_written_leaves_no_dst(tmp_path, capsys, monkeypatch):
-    def copy_fails(*args, **kwargs):
+    def copy_fails(*args, **kwargs):  # the tokenizer copy comes after the params are saved
         raise OSError("disk full")
 
-    monkeypatch.setattr("jaxpage.checkpoint.shutil.copyfile", copy_fails)
-    assert_fails(capsys, hf_dir(G2), tmp_path / "out", "disk full")
+    src = hf_dir(G2)
+    monkeypatch.setattr(checkpoint_module, "shutil", types.SimpleNamespace(copyfile=copy_fails))
+    assert_fails(capsys, src, tmp_path / "out", "disk full")
 
 
 def test_existing_dst_is_refused_kept_on_failure_and_replaced_on_success(tmp_path, capsys,
@@ -327,6 +330,19 @@ def test_official_gating_orientations_agree_and_d_equal_f_is_ambiguous(tmp_path)
         convert_raw(random_official(square), tmp_path / "sq", square)
 
 
+def test_official_params_without_the_transformer_level_and_vision_parts(tmp_path):
+    config = get_config(G3)
+    tree = random_official(config)
+    _, want = convert_raw(tree, tmp_path / "plain", config)
+    bare = {k.removeprefix("transformer/"): v for k, v in tree.items()}
+    bare["embedder/mm_input_projection"] = {"w": np.ones((8, 64), np.float32)}
+    bare["vision_encoder/siglip/block_0"] = {"w": np.ones((4, 4), np.float32)}
+    _, got = convert_raw(bare, tmp_path / "bare", None)  # config inferred: gemma3-tiny
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
 def test_official_config_inference_needs_a_unique_match(tmp_path, capsys):
     odd = dataclasses.replace(get_config(G2), name="odd", d_model=48)
     src = save_orbax(random_official(odd), tmp_path / "odd")
@@ -356,7 +372,7 @@ def test_official_bad_tensors_are_named(tmp_path, capsys):
 
 
 # -- entry points ------------------------------------------------------------------------------
-def test_script_converts_and_errors_exit_nonzero_with_one_line(tmp_path):
+def test_script_converts_and_the_cli_exits_nonzero_with_one_line(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     ok = subprocess.run([sys.executable, str(REPO / "scripts" / "convert.py"), "--src",
                          str(hf_dir(G2)), "--dst", str(tmp_path / "out")],
@@ -364,8 +380,8 @@ def test_script_converts_and_errors_exit_nonzero_with_one_line(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "out" / "jaxpage_config.json").exists()
     assert load_checkpoint(tmp_path / "out")[0].name == f"hf:{G2}"
-    bad = subprocess.run([sys.executable, "-m", "jaxpage.convert", "--src", str(tmp_path / "none"),
-                          "--dst", str(tmp_path / "out2")],
+    bad = subprocess.run([sys.executable, "-m", "jaxpage.cli", "convert", "--src",
+                          str(tmp_path / "none"), "--dst", str(tmp_path / "out2")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == [
