@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from attention_cases import make_case, reference_attention, relative_error
+from jaxpage.attention import AttentionMetadata, write_kv
 from jaxpage.pallas_kernels import gpu
 from jaxpage.pallas_kernels.gpu_decode import DecodeConfig
 from jaxpage.pallas_kernels.gpu_prefill import PrefillConfig
+from jaxpage.pallas_kernels.gpu_write import write_kv_pages
 
 WINDOW = 16
 # Decode: kv lengths 1, page boundary -1/0/+1, a window that drops part of a page, one that
@@ -89,6 +91,17 @@ def test_prefill_tiles_split_long_chunks_and_skip_pages_outside_the_window():
         check(case, out, sliding_window=window, soft_cap=3.0)
 
 
+def test_prefill_skips_masks_only_on_blocks_every_row_sees_whole():
+    # Short chunks deep into long contexts: most key blocks are unmasked, the window's lower edge
+    # and the causal edge cut others.
+    spec = dict(q_lens=[5, 9, 1], kv_lens=[80, 73, 50], num_seq_slots=4, num_tokens=20)
+    case = new_case(20, spec, group=4)
+    cfg = PrefillConfig(block_m=32, block_k=16)
+    for window in (None, 40):
+        out = run_kernel(case, sliding_window=window, prefill_config=cfg, max_query_len=9)
+        check(case, out, sliding_window=window)
+
+
 def test_prefill_path_also_serves_pure_decode_batches():
     case = new_case(13, DECODE, group=2)
     out = run_kernel(case, sliding_window=WINDOW, max_query_len=None)
@@ -111,6 +124,25 @@ def test_unowned_pages_do_not_change_the_output():
     zero_case = make_case(np.random.default_rng(15), nan_unowned=False, **kwargs)
     np.testing.assert_array_equal(run_kernel(nan_case, max_query_len=17),
                                   run_kernel(zero_case, max_query_len=17))
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_write_kernel_matches_the_xla_write_kv(path):
+    spec, max_query_len = PATHS[path]
+    case = new_case(21, spec, group=2)
+    rng = np.random.default_rng(22)
+    k_new, v_new = (jnp.asarray(rng.standard_normal((case.q.shape[0], 2, 32)), jnp.float32)
+                    for _ in range(2))
+    md = AttentionMetadata(query_start_loc=jnp.asarray(case.query_start_loc),
+                           kv_lens=jnp.asarray(case.kv_lens),
+                           block_tables={"global": jnp.asarray(case.block_tables)},
+                           max_query_len=max_query_len)
+    pages = jnp.asarray(case.k_pages), jnp.asarray(case.v_pages)
+    want = write_kv(*pages, k_new, v_new, md, "global")
+    got = write_kv_pages(*pages, k_new, v_new, md.query_start_loc, md.kv_lens,
+                         md.block_tables["global"])
+    for g, w in zip(got, want):  # page 0 (null page) takes padding writes in any order
+        np.testing.assert_array_equal(np.asarray(g)[:, 1:], np.asarray(w)[:, 1:])
 
 
 def test_bad_inputs_raise_errors_naming_the_problem():

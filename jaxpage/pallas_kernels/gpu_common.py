@@ -59,9 +59,14 @@ def dot_precision(dtype) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-def load_rows(ref, rows: jax.Array, mask: jax.Array) -> jax.Array:
-    """ref[rows, :] of a [N, D] ref as [len(rows), D]; rows where `mask` is False read 0."""
+def load_rows(ref, rows: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """ref[rows, :] of a [N, D] ref as [len(rows), D]; rows where `mask` is False read 0.
+
+    mask=None: every row is valid (a plain gather, no predicates).
+    """
     cols = jnp.arange(ref.shape[1], dtype=jnp.int32)
+    if mask is None:
+        return compat.triton_load(ref.at[rows[:, None], cols[None, :]])
     safe = jnp.where(mask, rows, 0)
     return compat.triton_load(ref.at[safe[:, None], cols[None, :]], mask=mask[:, None], other=0)
 
@@ -82,11 +87,18 @@ def store_vector(ref, idx: jax.Array, value: jax.Array, mask: jax.Array) -> None
     compat.triton_store(ref.at[safe], value.astype(ref.dtype), mask=mask)
 
 
-def kv_rows(block_table_ref, seq, kv_head, tokens: jax.Array, visible: jax.Array,
+def kv_rows(block_table_ref, seq, kv_head, tokens: jax.Array, visible: jax.Array | None,
             p: AttnParams) -> jax.Array:
-    """Row of each token of sequence `seq` in the flat [Hkv*P*page_size, D] page view."""
-    page = compat.triton_load(block_table_ref.at[seq, jnp.where(visible, tokens // p.page_size, 0)],
-                              mask=visible, other=0)
+    """Row of each token of sequence `seq` in the flat [Hkv*P*page_size, D] page view.
+
+    Tokens where `visible` is False map to page 0; visible=None: all tokens are real.
+    """
+    if visible is None:
+        page = compat.triton_load(block_table_ref.at[seq, tokens // p.page_size])
+    else:
+        page = compat.triton_load(
+            block_table_ref.at[seq, jnp.where(visible, tokens // p.page_size, 0)],
+            mask=visible, other=0)
     return (kv_head * p.num_pages + page) * p.page_size + tokens % p.page_size
 
 
@@ -97,11 +109,12 @@ def tanh(x: jax.Array) -> jax.Array:
     return jnp.where(x < 0, -y, y)
 
 
-def attend_block(carry, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
+def attend_block(carry, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array | None,
                  p: AttnParams):
     """One online-softmax step: fold keys k/values v [BK, D] into (m, l, acc) of q [M, D].
 
-    `visible` [M, BK] (or broadcastable) says which query row sees which key. Statistics and
+    `visible` [M, BK] (or broadcastable) says which query row sees which key (None: all of
+    them, and every row has a finite logit). Statistics and
     accumulation are fp32; logits and the running max m are kept in log2 units (exp2 is one
     hardware instruction, exp is not).
     """
@@ -113,7 +126,8 @@ def attend_block(carry, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.A
         s = s * (p.sm_scale * LOG2E)
     else:
         s = (p.soft_cap * LOG2E) * tanh(s * (p.sm_scale / p.soft_cap))
-    s = jnp.where(visible, s, -jnp.inf)
+    if visible is not None:
+        s = jnp.where(visible, s, -jnp.inf)
     m_new = jnp.maximum(m, s.max(axis=1))
     alpha = jnp.exp2(m - m_new)
     probs = jnp.exp2(s - m_new[:, None])

@@ -85,9 +85,19 @@ def _prefill_kernel(sched_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *, p: gc.Attn
     lo = jnp.maximum(qpos0 - p.sliding_window + 1, 0) if p.sliding_window is not None else 0
     first_token = (lo // p.page_size) * p.page_size
     num_blocks = jnp.maximum(pl.cdiv(hi - first_token, cfg.block_k), 0)
+    # Blocks [full_lo, full_hi) are seen whole by every row: at or before the first row's causal
+    # edge and after the last row's window edge. They need no mask at all.
+    full_hi = jnp.clip((qpos0 + 1 - first_token) // cfg.block_k, 0, num_blocks)
+    full_lo = 0
+    if p.sliding_window is not None:
+        window_start = jnp.maximum(qpos0 + nrows - p.sliding_window - first_token, 0)
+        full_lo = jnp.minimum(pl.cdiv(window_start, cfg.block_k), full_hi)
 
-    def body(b, carry):
-        tokens = first_token + b * cfg.block_k + jnp.arange(cfg.block_k, dtype=jnp.int32)
+    def tokens_of(b):
+        return first_token + b * cfg.block_k + jnp.arange(cfg.block_k, dtype=jnp.int32)
+
+    def masked_body(b, carry):
+        tokens = tokens_of(b)
         in_range = tokens < hi
         rows = gc.kv_rows(bt_ref, seq, kv_head, tokens, in_range, p)
         k = gc.load_rows(k_ref, rows, in_range)
@@ -97,7 +107,14 @@ def _prefill_kernel(sched_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *, p: gc.Attn
             visible &= tokens[None, :] > qpos[:, None] - p.sliding_window
         return gc.attend_block(carry, q, k, v, visible, p)
 
-    _, l, acc = jax.lax.fori_loop(0, num_blocks, body, gc.init_carry(cfg.block_m, p.head_dim))
+    def full_body(b, carry):
+        rows = gc.kv_rows(bt_ref, seq, kv_head, tokens_of(b), None, p)
+        k, v = gc.load_rows(k_ref, rows, None), gc.load_rows(v_ref, rows, None)
+        return gc.attend_block(carry, q, k, v, None, p)
+
+    carry = jax.lax.fori_loop(0, full_lo, masked_body, gc.init_carry(cfg.block_m, p.head_dim))
+    carry = jax.lax.fori_loop(full_lo, full_hi, full_body, carry)
+    _, l, acc = jax.lax.fori_loop(full_hi, num_blocks, masked_body, carry)
     gc.store_rows(o_ref, q_rows, gc.normalize(l, acc), row_ok)
 
 
