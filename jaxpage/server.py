@@ -160,13 +160,18 @@ def _outputs(client: EngineClient, sub: Submission, environ: dict) -> Iterator:
     silence; raises ClientGone when the client hung up. Aborts what is left if not run to the
     end (client gone, generator closed because a write failed, engine error)."""
     remaining = set(sub.request_ids)
+    checked = time.monotonic()
     try:
         while remaining:
             try:
                 item = sub.outputs.get(timeout=POLL_S)
             except queue.Empty:
+                item = None
+            if time.monotonic() - checked >= POLL_S:
                 if _client_gone(environ):
-                    raise ClientGone() from None
+                    raise ClientGone()
+                checked = time.monotonic()
+            if item is None:
                 yield None
                 continue
             if isinstance(item, BaseException):

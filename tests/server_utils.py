@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 HOST = "127.0.0.1"
 MODEL = "jaxpage-demo"
 MAX_NUM_SEQS = 8
-MAX_QUEUED = 8
+MAX_QUEUED = 16
 MAX_MODEL_LEN = 256
 SMALL_FLAGS = (
     "--dtype", "float32", "--attention-backend", "xla", "--page-size", "16",
@@ -57,6 +57,18 @@ class ServerProcess:
         return requests.post(self.url + path, data=data, timeout=kwargs.pop("timeout", 120),
                              headers={"Content-Type": "application/json"}, **kwargs)
 
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def open_request(self, path: str, body: dict) -> socket.socket:
+        """A raw connection that has sent a POST; read it with read_until, drop it by closing."""
+        data = json.dumps(body).encode()
+        sock = socket.create_connection((HOST, self.port), timeout=60)
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json"
+                     f"\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+        return sock
+
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0,
                              timeout=120)
@@ -73,6 +85,17 @@ class ServerProcess:
             if is_idle(m) or time.monotonic() > deadline:
                 return m
             time.sleep(0.1)
+
+
+def read_until(sock: socket.socket, marker: bytes) -> bytes:
+    """Bytes received until `marker` shows up (raises on EOF or the socket's timeout)."""
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before {marker!r}; got {data[-300:]!r}")
+        data += chunk
+    return data
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -121,7 +144,7 @@ def start_server(*extra: str, startup_timeout: float = 300.0) -> ServerProcess:
         try:
             if server.get("/health", timeout=5).status_code == 200:
                 return server
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or the worker is loading
             pass
         if time.monotonic() > deadline:
             stop_server(server)
