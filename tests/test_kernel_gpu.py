@@ -96,7 +96,7 @@ def test_prefill_skips_masks_only_on_blocks_every_row_sees_whole():
     # and the causal edge cut others.
     spec = dict(q_lens=[5, 9, 1], kv_lens=[80, 73, 50], num_seq_slots=4, num_tokens=20)
     case = new_case(20, spec, group=4)
-    cfg = PrefillConfig(block_m=32, block_k=16)
+    cfg = PrefillConfig(block_m=32, block_k=16, unmasked_full_blocks=True)
     for window in (None, 40):
         out = run_kernel(case, sliding_window=window, prefill_config=cfg, max_query_len=9)
         check(case, out, sliding_window=window)

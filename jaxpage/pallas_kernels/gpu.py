@@ -25,15 +25,16 @@ _DECODE_STEP_BYTES = 32 * 1024
 _DECODE_TARGET_PROGRAMS = 8 * 132
 # ... but no split gets fewer key blocks than this.
 _DECODE_MIN_BLOCKS_PER_SPLIT = 4
-# Prefill grids smaller than this get smaller q tiles.
-_PREFILL_MIN_PROGRAMS = 2 * 132
+# Prefill grids smaller than this (fewer programs than SMs) get 32-row q tiles.
+_PREFILL_MIN_PROGRAMS = 132
 
 
 def default_configs(p: gc.AttnParams, dtype, num_tokens: int, num_seqs: int, max_pages: int,
                     interpret: bool) -> tuple[DecodeConfig, PrefillConfig]:
     """Tile sizes and kv splits for a call's static shapes (no splits in interpret mode)."""
     itemsize = jnp.dtype(dtype).itemsize
-    block_k = max(16, min(256, gc.next_power_of_2(_DECODE_STEP_BYTES // (2 * p.head_dim * itemsize))))
+    step_keys = _DECODE_STEP_BYTES // (2 * p.head_dim * itemsize)
+    block_k = max(16, min(256, gc.next_power_of_2(step_keys)))
     max_blocks = max(1, -(-max_pages * p.page_size // block_k))
     wanted = -(-_DECODE_TARGET_PROGRAMS // (num_seqs * p.num_kv_heads))
     splits = max(1, min(wanted, max_blocks // _DECODE_MIN_BLOCKS_PER_SPLIT))
@@ -41,7 +42,7 @@ def default_configs(p: gc.AttnParams, dtype, num_tokens: int, num_seqs: int, max
         splits = 1
     decode = DecodeConfig(block_k=block_k, num_splits=splits, num_warps=4, num_stages=2)
     # Prefill: 64-row q tiles, 32 keys per step, 3 stages (best of the H200 sweeps for D=128 and
-    # 256); 32-row tiles when 64-row ones would leave SMs idle.
+    # 256); 32-row tiles when 64-row ones would leave SMs idle (benchmarks/NOTES.md, runs 2-3).
     block_m = 64
     if num_tokens * p.group_pad // block_m * p.num_kv_heads < _PREFILL_MIN_PROGRAMS:
         block_m = 32
@@ -65,16 +66,19 @@ def _check_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc) -
     if q.shape[1] % num_kv_heads:
         raise ValueError(f"q heads {q.shape[1]} is not a multiple of kv heads {num_kv_heads}")
     if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two >= 16 for the GPU kernel, got {head_dim}")
+        raise ValueError(
+            f"head_dim must be a power of two >= 16 for the GPU kernel, got {head_dim}")
     if page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of two for the GPU kernel, got {page_size}")
     num_seqs = kv_lens.shape[0]
     if num_seqs < 1 or kv_lens.ndim != 1:
         raise ValueError(f"kv_lens must be [S] with S >= 1, got shape {kv_lens.shape}")
     if block_tables.ndim != 2 or block_tables.shape[0] != num_seqs:
-        raise ValueError(f"block_tables must be [S={num_seqs}, max_pages], got {block_tables.shape}")
+        raise ValueError(
+            f"block_tables must be [S={num_seqs}, max_pages], got {block_tables.shape}")
     if query_start_loc.shape != (num_seqs + 1,):
-        raise ValueError(f"query_start_loc must be [S+1={num_seqs + 1}], got {query_start_loc.shape}")
+        raise ValueError(
+            f"query_start_loc must be [S+1={num_seqs + 1}], got {query_start_loc.shape}")
     for name, a in (("kv_lens", kv_lens), ("block_tables", block_tables),
                     ("query_start_loc", query_start_loc)):
         if not jnp.issubdtype(a.dtype, jnp.integer):

@@ -56,7 +56,9 @@ def interpret_mode() -> bool:
 
 def dot_precision(dtype) -> jax.lax.Precision:
     """fp32 operands get true fp32 products (not TF32); bf16/f16 use the tensor cores as is."""
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+    if jnp.dtype(dtype) == jnp.float32:
+        return jax.lax.Precision.HIGHEST
+    return jax.lax.Precision.DEFAULT
 
 
 def load_rows(ref, rows: jax.Array, mask: jax.Array | None) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Decode path of the GPU kernel: every sequence has at most one new token (split-KV flash decoding).
+"""Decode path of the GPU kernel: no sequence has more than one new token (split-KV decoding).
 
 Grid (sequence, kv head, kv split). A program takes the single query token of its sequence
 with all q heads of its kv head (padded to a dot-friendly tile), walks its share of the
@@ -35,7 +35,8 @@ class DecodeConfig:
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
-            raise ValueError(f"DecodeConfig.block_k must be a power of two >= 16, got {self.block_k}")
+            raise ValueError(
+                f"DecodeConfig.block_k must be a power of two >= 16, got {self.block_k}")
         if self.num_splits < 1:
             raise ValueError(f"DecodeConfig.num_splits must be >= 1, got {self.num_splits}")
 

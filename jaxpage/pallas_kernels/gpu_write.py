@@ -67,6 +67,6 @@ def write_kv_pages(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.
         compiler_params=compat.triton_compiler_params(num_warps=4, num_stages=1),
         interpret=interpret,
         name="jaxpage_write_kv",
-    )(slots, k.reshape(-1, head_dim).astype(k_pages.dtype), v.reshape(-1, head_dim).astype(v_pages.dtype),
-      k_pages.reshape(flat), v_pages.reshape(flat))
+    )(slots, k.reshape(-1, head_dim).astype(k_pages.dtype),
+      v.reshape(-1, head_dim).astype(v_pages.dtype), k_pages.reshape(flat), v_pages.reshape(flat))
     return k_out.reshape(k_pages.shape), v_out.reshape(v_pages.shape)
