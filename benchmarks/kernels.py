@@ -314,8 +314,7 @@ def decode_variants(prob: Problem) -> dict:
     p = gc.AttnParams(sm_scale=1.0, soft_cap=None, sliding_window=None, num_q_heads=m["q_heads"],
                       num_kv_heads=m["kv_heads"], head_dim=m["head_dim"], page_size=m["page_size"],
                       num_pages=m["batch"] * m["ctx"] // m["page_size"] + 1)
-    base, _ = gpu.default_configs(p, m["dtype"], m["batch"], m["batch"],
-                                  m["ctx"] // m["page_size"], False)
+    base, _ = gpu.default_configs(p, m["dtype"], m["batch"], m["ctx"] // m["page_size"], False)
     out = {}
     for bk, stages in ((32, 3), (64, 2), (64, 3)):
         out[f"bk{bk}_w4_s{stages}"] = dataclasses.replace(base, block_k=bk, num_stages=stages)

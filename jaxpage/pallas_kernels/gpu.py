@@ -25,12 +25,10 @@ _DECODE_STEP_BYTES = 32 * 1024
 _DECODE_TARGET_PROGRAMS = 8 * 132
 # ... but no split gets fewer key blocks than this.
 _DECODE_MIN_BLOCKS_PER_SPLIT = 4
-# Prefill grids smaller than this (fewer programs than SMs) get 32-row q tiles.
-_PREFILL_MIN_PROGRAMS = 132
 
 
-def default_configs(p: gc.AttnParams, dtype, num_tokens: int, num_seqs: int, max_pages: int,
-                    interpret: bool) -> tuple[DecodeConfig, PrefillConfig]:
+def default_configs(p: gc.AttnParams, dtype, num_seqs: int, max_pages: int, interpret: bool,
+                    ) -> tuple[DecodeConfig, PrefillConfig]:
     """Tile sizes and kv splits for a call's static shapes (no splits in interpret mode)."""
     itemsize = jnp.dtype(dtype).itemsize
     step_keys = _DECODE_STEP_BYTES // (2 * p.head_dim * itemsize)
@@ -41,13 +39,9 @@ def default_configs(p: gc.AttnParams, dtype, num_tokens: int, num_seqs: int, max
     if interpret:
         splits = 1
     decode = DecodeConfig(block_k=block_k, num_splits=splits, num_warps=4, num_stages=2)
-    # Prefill: 64-row q tiles, 32 keys per step, 3 stages (best of the H200 sweeps for D=128 and
-    # 256); 32-row tiles when 64-row ones would leave SMs idle (benchmarks/NOTES.md, runs 2-3).
-    block_m = 64
-    if num_tokens * p.group_pad // block_m * p.num_kv_heads < _PREFILL_MIN_PROGRAMS:
-        block_m = 32
-    prefill = PrefillConfig(block_m=max(block_m, p.group_pad), block_k=32, num_warps=4,
-                            num_stages=3)
+    # Prefill: 64-row q tiles, 32 keys per step, 3 stages: best or within 3 % of the best in
+    # every H200 sweep (D=128/256, 1 and 4 chunks of 512; benchmarks/NOTES.md, runs 2-4).
+    prefill = PrefillConfig(block_m=max(64, p.group_pad), block_k=32, num_warps=4, num_stages=3)
     return decode, prefill
 
 
@@ -119,7 +113,7 @@ def ragged_paged_attention(
                       num_q_heads=q.shape[1], num_kv_heads=num_kv_heads, head_dim=head_dim,
                       page_size=page_size, num_pages=num_pages)
     interpret = gc.interpret_mode() if interpret is None else interpret
-    decode_default, prefill_default = default_configs(p, q.dtype, q.shape[0], kv_lens.shape[0],
+    decode_default, prefill_default = default_configs(p, q.dtype, kv_lens.shape[0],
                                                       block_tables.shape[1], interpret)
     args = (q, k_pages, v_pages, kv_lens.astype(jnp.int32), block_tables.astype(jnp.int32),
             query_start_loc.astype(jnp.int32), p)
