@@ -7,10 +7,10 @@ model) and stops it when the process exits; the subprocess also dies with the te
 from __future__ import annotations
 
 import atexit
-import ctypes
 import dataclasses
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -27,11 +27,11 @@ HOST = "127.0.0.1"
 MODEL = "jaxpage-demo"
 MAX_NUM_SEQS = 8
 MAX_QUEUED = 16
-MAX_MODEL_LEN = 256
+MAX_MODEL_LEN = 1024  # long requests take seconds: disconnect tests don't race them
 SMALL_FLAGS = (
     "--dtype", "float32", "--attention-backend", "xla", "--page-size", "16",
     "--max-num-seqs", str(MAX_NUM_SEQS), "--max-num-batched-tokens", "64",
-    "--max-model-len", str(MAX_MODEL_LEN), "--num-pages", "160",
+    "--max-model-len", str(MAX_MODEL_LEN), "--num-pages", "600",
     "--max-queued-requests", str(MAX_QUEUED), "--http-threads", "64",
     "--keepalive-interval", "0.5", "--stats-interval", "1",
 )
@@ -98,6 +98,27 @@ def read_until(sock: socket.socket, marker: bytes) -> bytes:
     return data
 
 
+def read_until_some(socks: list[socket.socket], marker: bytes, count: int,
+                    timeout: float = 60.0) -> list[socket.socket]:
+    """The first `count` of `socks` to receive `marker`, whichever they are."""
+    received = {s: b"" for s in socks}
+    done: list[socket.socket] = []
+    deadline = time.monotonic() + timeout
+    while len(done) < count:
+        waiting = [s for s in socks if s not in done]
+        ready, _, _ = select.select(waiting, [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise TimeoutError(f"only {len(done)} of {count} sockets got {marker!r}")
+        for s in ready:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed before {marker!r}; got {received[s][-300:]!r}")
+            received[s] += chunk
+            if marker in received[s]:
+                done.append(s)
+    return done
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     out = {}
     for family in text_string_to_metric_families(text):
@@ -119,23 +140,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the test process dies (Linux), so no server outlives it."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+# Runs `python ARGS...` after asking Linux to SIGTERM it when the test process dies, so no server
+# outlives a killed test run (its gunicorn worker exits when its master goes).
+_EXEC_DYING_WITH_PARENT = """
+import ctypes, os, sys
+try:
+    ctypes.CDLL(None).prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
+except (AttributeError, OSError):
+    pass
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
 
 
 def start_server(*extra: str, startup_timeout: float = 300.0) -> ServerProcess:
     port = free_port()
     log_path = Path(tempfile.mkstemp(prefix="jaxpage-serve-", suffix=".log")[1])
-    cmd = [sys.executable, "-m", "jaxpage.cli", "serve", "--host", HOST, "--port", str(port),
-           *SMALL_FLAGS, *extra]
+    cmd = [sys.executable, "-c", _EXEC_DYING_WITH_PARENT, "-m", "jaxpage.cli", "serve",
+           "--host", HOST, "--port", str(port), *SMALL_FLAGS, *extra]
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_die_with_parent,
-                                env=os.environ | {"JAX_PLATFORMS": "cpu"})
+                                start_new_session=True, env=os.environ | {"JAX_PLATFORMS": "cpu"})
     server = ServerProcess(f"http://{HOST}:{port}", proc, log_path)
     deadline = time.monotonic() + startup_timeout
     while True:

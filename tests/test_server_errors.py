@@ -66,9 +66,10 @@ def test_a_prompt_longer_than_the_context_gets_the_context_length_message(server
     assert_error(r, 400, "prompt", f"This model's maximum context length is {MAX_MODEL_LEN} "
                                    f"tokens. However, your request has {MAX_MODEL_LEN + 10} "
                                    "input tokens.")
-    r = server.post(ROUTES[0], {"model": MODEL, "prompt": [5] * 100, "max_tokens": 200})
-    assert_error(r, 400, "max_tokens", "However, you requested 300 tokens (100 in the input, "
-                                       "200 in the completion)")
+    r = server.post(ROUTES[0], {"model": MODEL, "prompt": [5] * 100,
+                                "max_tokens": MAX_MODEL_LEN})
+    assert_error(r, 400, "max_tokens", f"However, you requested {MAX_MODEL_LEN + 100} tokens "
+                                       f"(100 in the input, {MAX_MODEL_LEN} in the completion)")
 
 
 def test_a_streamed_request_that_cannot_be_served_is_a_400_before_streaming(server):

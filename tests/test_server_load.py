@@ -8,12 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from server_utils import (HOT, MAX_NUM_SEQS, MAX_QUEUED, MODEL, is_idle, read_until,
-                          shared_server)
+from server_utils import (HOT, MAX_MODEL_LEN, MAX_NUM_SEQS, MAX_QUEUED, MODEL, is_idle,
+                          read_until, read_until_some, shared_server)
 
 ABORTED = 'jaxpage:request_success_total{finished_reason="abort"}'
-LONG = {"model": MODEL, "prompt": "Go on and on", "max_tokens": 240, "ignore_eos": True,
-        "temperature": HOT}
+LONG = {"model": MODEL, "prompt": "Go on and on", "max_tokens": MAX_MODEL_LEN - 20,
+        "ignore_eos": True, "temperature": HOT}
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +48,8 @@ def test_twenty_streaming_clients_that_drop_mid_stream_free_every_page(idle_serv
     socks = [server.open_request("/v1/completions", LONG | {"stream": True, "seed": i})
              for i in range(20)]
     try:
-        running = socks[:MAX_NUM_SEQS]
-        for s in running:  # these are mid-stream; the others wait for a batch slot
-            read_until(s, b'"text"')
+        # MAX_NUM_SEQS of them get tokens (mid-stream now); the others wait for a batch slot
+        read_until_some(socks, b'"text"', MAX_NUM_SEQS)
         wait_for_metrics(server, lambda m: (m["jaxpage:num_requests_running"],
                                             m["jaxpage:num_requests_waiting"])
                          == (MAX_NUM_SEQS, 20 - MAX_NUM_SEQS))
@@ -78,8 +77,7 @@ def test_a_queued_stream_gets_keep_alive_comments_until_its_turn(idle_server):
     fillers = [server.open_request("/v1/completions", LONG | {"stream": True})
                for _ in range(MAX_NUM_SEQS)]
     try:
-        for s in fillers:
-            read_until(s, b'"text"')
+        read_until_some(fillers, b'"text"', MAX_NUM_SEQS)
         queued = server.open_request("/v1/completions", LONG | {"stream": True, "max_tokens": 2})
         fillers.append(queued)
         head = read_until(queued, b": keep-alive\n\n")
