@@ -49,6 +49,8 @@ class Submission:
     params: SamplingParams
     request_ids: list[str]
     outputs: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
+    finished: bool = False  # every request ended (set by the engine thread)
+    _unfinished: int = 0
     _decided: threading.Event = dataclasses.field(default_factory=threading.Event)
     _error: BaseException | None = None
 
@@ -119,12 +121,12 @@ class EngineClient:
         EngineDeadError, or the engine's RequestError/ValueError for an unservable request."""
         base = uuid.uuid4().hex
         sub = Submission(list(prompts), params, [f"{base}-{i}" for i in range(len(prompts))])
-        if sub.num_seqs > self.capacity:
-            raise ValueError(f"the request asks for {sub.num_seqs} sequences (prompts x n) but the "
-                             f"server runs at most {self.capacity} at once")
         with self._lock:
             if self._closed:
                 raise EngineDeadError("the engine is not running")
+            if sub.num_seqs > self.capacity:
+                raise ValueError(f"the request asks for {sub.num_seqs} sequences (prompts x n) "
+                                 f"but the server holds at most {self.capacity} at once")
             if self._in_flight + sub.num_seqs > self.capacity:  # fast path; the engine re-checks
                 raise QueueFullError(self._full_message())
             self._inbox.append(("add", sub))
@@ -136,6 +138,8 @@ class EngineClient:
 
     def abort(self, sub: Submission) -> None:
         """Stop every request of `sub` (no-op for finished ones); frees their KV pages."""
+        if sub.finished:
+            return
         with self._lock:
             if self._closed:
                 return
@@ -224,6 +228,7 @@ class EngineClient:
             return
         for rid in added:
             self._tracked[rid] = _Tracked(sub, sub.seqs_per_prompt)
+        sub._unfinished = len(added)
         self._in_flight += sub.num_seqs
         sub._decide(None)
 
@@ -237,6 +242,8 @@ class EngineClient:
             if out.finished:
                 del self._tracked[out.request_id]
                 self._in_flight -= tracked.num_seqs
+                tracked.submission._unfinished -= 1
+                tracked.submission.finished = tracked.submission._unfinished == 0
 
     def _close(self, error: EngineDeadError) -> None:
         with self._lock:

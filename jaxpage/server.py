@@ -72,12 +72,18 @@ def create_app(client: EngineClient, model_name: str, *,
             raise APIError(404, f"The model '{req.model}' does not exist; this server serves "
                                 f"'{model_name}'.", param="model", code="model_not_found")
         sub = _submit(client, req.prompts, req.params)
-        builder = ResponseBuilder(req, model_name, tokenizer, sub.request_ids)
+        try:
+            builder = ResponseBuilder(req, model_name, tokenizer, sub.request_ids)
+        except BaseException:
+            client.abort(sub)
+            raise
         outputs = _outputs(client, sub, request.environ)
         if req.stream:
-            return Response(_sse(builder, outputs, req.include_usage, keepalive_interval),
-                            mimetype="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            response = Response(_sse(builder, outputs, req.include_usage, keepalive_interval),
+                                mimetype="text/event-stream",
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            response.call_on_close(lambda: client.abort(sub))  # even if never iterated
+            return response
         with contextlib.closing(outputs):
             try:
                 for out in outputs:

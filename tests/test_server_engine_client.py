@@ -79,7 +79,7 @@ def test_admission_stops_at_max_num_seqs_plus_max_queued_and_resumes_when_room_i
     subs = [client.submit([(None, PROMPTS[0])], LONG) for _ in range(3)]
     with pytest.raises(QueueFullError, match="capacity"):
         client.submit([(None, PROMPTS[1])], LONG)
-    with pytest.raises(ValueError, match="at most 3"):  # could never fit: not a 503
+    with pytest.raises(ValueError, match="holds at most 3"):  # could never fit: not a 503
         client.submit([(None, p) for p in PROMPTS], SamplingParams(n=2))
     for sub in subs:
         client.abort(sub)
@@ -162,6 +162,7 @@ def test_queues_are_per_submission(started):
     a = client.submit([(None, PROMPTS[0])], SamplingParams(max_tokens=3))
     b = client.submit([(None, PROMPTS[1])], SamplingParams(max_tokens=3))
     outs_a, outs_b = collect(a), collect(b)
+    assert a.finished and b.finished
     assert set(outs_a) == set(a.request_ids) and set(outs_b) == set(b.request_ids)
     with pytest.raises(queue.Empty):
         a.outputs.get_nowait()
