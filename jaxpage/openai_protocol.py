@@ -99,7 +99,9 @@ class GenerationRequest:
     top_logprobs: int = 0    # alternatives per token (chat)
 
 
-def parse_completion_request(body: dict, tokenizer: Tokenizer, vocab_size: int) -> GenerationRequest:
+def parse_completion_request(body: dict, tokenizer: Tokenizer,
+                             vocab_size: int) -> GenerationRequest:
+    """A /v1/completions body, checked; APIError 400 for anything a client must fix."""
     f = _Fields(body, COMPLETION_FIELDS, "/v1/completions")
     if f.get("suffix", "string") is not None:
         raise APIError(400, "'suffix' is not supported", param="suffix")
@@ -117,6 +119,8 @@ def parse_completion_request(body: dict, tokenizer: Tokenizer, vocab_size: int) 
 
 def parse_chat_request(body: dict, tokenizer: Tokenizer, vocab_size: int,
                        family: str) -> GenerationRequest:
+    """A /v1/chat/completions body, checked; the prompt is the Gemma chat template of the
+    messages, and <end_of_turn> ends the generated turn."""
     f = _Fields(body, CHAT_FIELDS, "/v1/chat/completions")
     if f.get("tools", "list"):
         raise APIError(400, "'tools' are not supported", param="tools")
