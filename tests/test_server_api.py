@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import pytest
 from server_utils import HOT, MODEL, shared_server, sse_data, sse_events
@@ -210,3 +212,13 @@ def test_raw_chat_stream_opens_with_the_role_and_ends_with_done(server):
     data = sse_data(events)
     assert data[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert data[-1]["choices"][0]["finish_reason"] is not None
+
+
+def test_a_stats_line_is_logged_while_there_is_work(server, client):
+    client.completions.create(model=MODEL, prompt="Busy", max_tokens=30,
+                              extra_body={"ignore_eos": True})
+    deadline = time.monotonic() + 10
+    while not re.search(r"running: \d+ seqs, waiting: \d+ seqs, KV cache use: global [\d.]+%.*"
+                        r"generation: [\d.]+ tok/s", server.log()):
+        assert time.monotonic() < deadline, server.log()[-2000:]
+        time.sleep(0.2)

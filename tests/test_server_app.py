@@ -3,6 +3,7 @@ and how `jaxpage serve` refuses bad flags before starting anything."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -13,7 +14,7 @@ from jaxpage.config import EngineConfig
 from jaxpage.demo import demo_checkpoint_dir
 from jaxpage.engine import LLMEngine
 from jaxpage.engine_client import EngineClient
-from jaxpage.server import create_app
+from jaxpage.server import add_arguments, create_app, served_model_name
 from jaxpage.tokenizer import Tokenizer
 
 STEPS_BEFORE_FAILURE = 4
@@ -82,3 +83,13 @@ def test_serve_refuses_bad_flags_before_starting(flags, message, capsys):
 def test_serve_needs_a_tokenizer_next_to_a_checkpoint(tmp_path, capsys):
     assert cli.main(["serve", "--checkpoint", str(tmp_path)]) == 2
     assert "tokenizer" in capsys.readouterr().err
+
+
+def test_the_served_model_name_defaults_to_the_checkpoint_directory_or_the_demo(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert served_model_name(parser.parse_args([])) == "jaxpage-demo"
+    ckpt = tmp_path / "gemma3-1b-it"
+    assert served_model_name(parser.parse_args(["--checkpoint", str(ckpt)])) == "gemma3-1b-it"
+    assert served_model_name(parser.parse_args(["--checkpoint", str(ckpt),
+                                                "--served-model-name", "g"])) == "g"
