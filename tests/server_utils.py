@@ -178,7 +178,8 @@ def start_server(*extra: str, startup_timeout: float = 300.0) -> ServerProcess:
 
 
 def stop_server(server: ServerProcess) -> None:
-    """SIGTERM the server's process group (gunicorn master and worker); SIGKILL if it lingers."""
+    """SIGTERM the server's process group (gunicorn master and worker), SIGKILL if it lingers;
+    removes its log."""
     if server.proc.poll() is None:
         os.killpg(server.proc.pid, signal.SIGTERM)
         try:
@@ -190,6 +191,7 @@ def stop_server(server: ServerProcess) -> None:
     except ProcessLookupError:
         pass
     server.proc.wait()
+    server.log_path.unlink(missing_ok=True)
 
 
 _SHARED: dict[tuple[str, ...], ServerProcess] = {}
