@@ -39,8 +39,9 @@ def default_configs(p: gc.AttnParams, dtype, num_seqs: int, max_pages: int, inte
     if interpret:
         splits = 1
     decode = DecodeConfig(block_k=block_k, num_splits=splits, num_warps=4, num_stages=2)
-    # Prefill: 64-row q tiles, 32 keys per step, 3 stages: best or within 3 % of the best in
-    # every H200 sweep (D=128/256, 1 and 4 chunks of 512; benchmarks/NOTES.md, runs 2-4).
+    # Prefill: 64-row q tiles, 32 keys per step, 3 stages: the best, or within 3 % of it, in the
+    # final H200 sweep (D=128/256, 1 and 4 chunks of 512), except one D=128 chunk, where 64 keys
+    # per step was 17 % faster (benchmarks/NOTES.md, run 4).
     prefill = PrefillConfig(block_m=max(64, p.group_pad), block_k=32, num_warps=4, num_stages=3)
     return decode, prefill
 
