@@ -29,9 +29,6 @@ class DecodeConfig:
     num_splits: int = 1      # kv splits per (sequence, kv head)
     num_warps: int = 4
     num_stages: int = 2
-    # Load block b+1 into registers before computing on block b (manual double buffering), for
-    # when the compiler's own pipeliner does not overlap the block-table-indirect loads.
-    prefetch: bool = False
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -68,24 +65,15 @@ def _decode_kernel(qsl_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs,
 
     def load_block(b):
         tokens = first_token + b * cfg.block_k + jnp.arange(cfg.block_k, dtype=jnp.int32)
-        visible = (tokens >= lo) & (tokens < hi) & (b < block_hi)
+        visible = (tokens >= lo) & (tokens < hi)
         rows = gc.kv_rows(bt_ref, seq, kv_head, tokens, visible, p)
         return gc.load_rows(k_ref, rows, visible), gc.load_rows(v_ref, rows, visible), visible
 
-    init = gc.init_carry(tile_rows(p), p.head_dim)
-    if cfg.prefetch:
-        def body(b, state):
-            carry, k, v, visible = state
-            following = load_block(b + 1)
-            return gc.attend_block(carry, q, k, v, visible[None, :], p), *following
+    def body(b, carry):
+        k, v, visible = load_block(b)
+        return gc.attend_block(carry, q, k, v, visible[None, :], p)
 
-        m, l, acc = jax.lax.fori_loop(block_lo, block_hi, body, (init, *load_block(block_lo)))[0]
-    else:
-        def body(b, carry):
-            k, v, visible = load_block(b)
-            return gc.attend_block(carry, q, k, v, visible[None, :], p)
-
-        m, l, acc = jax.lax.fori_loop(block_lo, block_hi, body, init)
+    m, l, acc = jax.lax.fori_loop(block_lo, block_hi, body, gc.init_carry(tile_rows(p), p.head_dim))
 
     if cfg.num_splits == 1:
         (o_ref,) = out_refs
