@@ -28,9 +28,9 @@ from jaxpage.models.gemma import Gemma
 from jaxpage.outputs import CompletionOutput, RequestOutput
 from jaxpage.paging import GroupUsage, KVCacheManager
 from jaxpage.request import Request, Sequence, SeqStatus
-from jaxpage.runner import ModelRunner, StepResult
+from jaxpage.runner import ModelRunner, StepHandle, StepResult
 from jaxpage.sampling_params import MAX_LOGPROBS, SamplingParams
-from jaxpage.scheduler import Scheduler
+from jaxpage.scheduler import Scheduler, SchedulerOutput
 from jaxpage.tokenizer import IncrementalDetokenizer, StopChecker
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,23 @@ class EngineStats:
     generation_tokens_total: int
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0     # of those, tokens found
+
+
+def _needs_history(params: SamplingParams) -> bool:
+    """Sampling that reads the generated tokens themselves (not just their count)."""
+    return (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+            or params.repetition_penalty != 1.0)
+
+
+@dataclasses.dataclass
+class _Step:
+    """A launched step: what was scheduled, who samples in which row, where the tokens go."""
+
+    sched: SchedulerOutput
+    row_seqs: list[Sequence]
+    sources: list[int]     # row -> index of the scheduled sequence whose logits it samples
+    slots: list[int]       # row -> index of its placeholder in token_ids (-1: no token)
+    handle: StepHandle
 
 
 class LLMEngine:
@@ -106,6 +123,7 @@ class LLMEngine:
         self._output_kind: dict[str, OutputKind] = {}
         self._sent: dict[tuple[str, int], tuple[int, int, int]] = {}  # (tokens, chars, logprobs) sent
         self._aborted: list[RequestOutput] = []
+        self._in_flight: _Step | None = None
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
@@ -147,53 +165,25 @@ class LLMEngine:
         self._forget(request)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or bool(self._aborted)
+        return bool(self.requests) or bool(self._aborted) or self._in_flight is not None
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one batch; outputs of the requests that made progress (and of aborted ones)."""
-        outputs, self._aborted = self._aborted, []
-        sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            return outputs
-        now = time.monotonic()
-        row_seqs, sources = [], []
-        for i, item in enumerate(sched.scheduled):
-            row_seqs.append(item.seq)
-            sources.append(i)
-            if item.samples and self._forks_pending(item.seq):
-                children = [self._fork(item.seq, j) for j in range(1, item.seq.request.width)]
-                row_seqs += children
-                sources += [i] * len(children)
-        result = self.runner.execute(sched, [self._row_spec(s) for s in row_seqs], sources, self.kv)
+        """Run one batch; outputs of the requests that made progress (and of aborted ones).
 
-        samples = {item.seq.seq_id: item.samples for item in sched.scheduled}
-        touched: dict[str, Request] = {}
-        for row, (seq, src) in enumerate(zip(row_seqs, sources)):
-            item = sched.scheduled[src]
-            request = seq.request
-            if request.metrics.first_scheduled_time is None:
-                request.metrics.first_scheduled_time = now
-            seq.num_computed_tokens = item.start + item.num_new_tokens
-            self.kv.commit(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
-            if not samples[item.seq.seq_id]:
-                continue
-            touched[request.request_id] = request
-            if request.params.use_beam_search:
-                width = 2 * request.width
-                seq.beam_candidates = list(zip(result.top_ids[row][:width].tolist(),
-                                               result.top_logprobs[row][:width].tolist()))
-            else:
-                self._append_token(seq, int(result.token_ids[row]), result, row)
-        for request in touched.values():
-            if request.params.use_beam_search:
-                self._beam_step(request)
-            out = self._output(request)
-            if out is not None:
-                outputs.append(out)
-            if request.finished:
-                request.metrics.finished_time = time.monotonic()
-                self._forget(request)
+        Steps are pipelined: the next batch is scheduled and launched before this one's sampled
+        tokens are read back, with those tokens fed to it on the device, so host work overlaps
+        device work. Requests whose sampling needs their real token history (penalties) make
+        the engine wait instead.
+        """
+        outputs, self._aborted = self._aborted, []
+        if self._in_flight is None:
+            self._in_flight = self._dispatch()
+            if self._in_flight is None:
+                return outputs
+        following = self._dispatch() if self._can_overlap() else None
+        outputs += self._process(self._in_flight)
+        self._in_flight = following
         return outputs
 
     def stats(self) -> EngineStats:
@@ -205,6 +195,75 @@ class LLMEngine:
             generation_tokens_total=self.generation_tokens_total,
             prefix_cache_queries=cache.queries if cache else 0,
             prefix_cache_hits=cache.hits if cache else 0)
+
+    def _dispatch(self) -> "_Step | None":
+        """Schedule and launch a step; each sampling row's token is a placeholder until read."""
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return None
+        now = time.monotonic()
+        row_seqs, sources = [], []
+        for i, item in enumerate(sched.scheduled):
+            row_seqs.append(item.seq)
+            sources.append(i)
+            if item.samples and self._forks_pending(item.seq):
+                children = [self._fork(item.seq, j) for j in range(1, item.seq.request.width)]
+                row_seqs += children
+                sources += [i] * len(children)
+        rows = [self._row_spec(seq) for seq in row_seqs]
+        handle = self.runner.dispatch(sched, rows, sources, self.kv)
+        for seq, src in zip(row_seqs, sources):
+            seq.num_computed_tokens = sched.scheduled[src].start + sched.scheduled[src].num_new_tokens
+            # cache full pages now: the next step's window release must find them cached
+            self.kv.commit(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.metrics.first_scheduled_time = now
+        slots = []
+        for r, (seq, src) in enumerate(zip(row_seqs, sources)):
+            if not sched.scheduled[src].samples or seq.params.use_beam_search:
+                slots.append(-1)
+                continue
+            seq.token_ids.append(-1 - r)  # read on the device by the next step, if it needs it
+            seq.num_pending += 1
+            slots.append(len(seq.token_ids) - 1)
+            if (seq.num_output_tokens >= seq.params.max_tokens
+                    or seq.num_tokens >= self.max_model_len):
+                seq.finishing = True  # ends at this token whatever it is: nothing more to compute
+        return _Step(sched, row_seqs, sources, slots, handle)
+
+    def _process(self, step: "_Step") -> list[RequestOutput]:
+        """Read a step's sampled tokens back and act on them (stops, beams, outputs)."""
+        result = self.runner.collect(step.handle)
+        for seq, src in zip(step.row_seqs, step.sources):
+            item = step.sched.scheduled[src]
+            if self.kv.has(seq.seq_id):  # not preempted or finished since it was launched
+                self.kv.commit(seq.seq_id, seq.token_ids, item.start + item.num_new_tokens)
+        touched: dict[str, Request] = {}
+        for r, (seq, src) in enumerate(zip(step.row_seqs, step.sources)):
+            if seq.finished or not step.sched.scheduled[src].samples:
+                continue
+            request = seq.request
+            touched[request.request_id] = request
+            if request.params.use_beam_search:
+                width = 2 * request.width
+                seq.beam_candidates = list(zip(result.top_ids[r][:width].tolist(),
+                                               result.top_logprobs[r][:width].tolist()))
+            else:
+                self._accept_token(seq, step.slots[r], int(result.token_ids[r]), result, r)
+        outputs = []
+        for request in touched.values():
+            if request.params.use_beam_search:
+                self._beam_step(request)
+            out = self._output(request)
+            if out is not None:
+                outputs.append(out)
+            if request.finished:
+                request.metrics.finished_time = time.monotonic()
+                self._forget(request)
+        return outputs
+
+    def _can_overlap(self) -> bool:
+        return not any(_needs_history(seq.params) for seq in self.scheduler.running)
 
     # -- sequences -----------------------------------------------------------------------------
     def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
@@ -259,10 +318,14 @@ class LLMEngine:
                                                      max_tokens=request.params.max_tokens)
         return request.beam_row_params
 
-    def _append_token(self, seq: Sequence, token: int, result: StepResult, row: int) -> None:
+    def _accept_token(self, seq: Sequence, slot: int, token: int, result: StepResult,
+                      row: int) -> None:
+        """Put a sampled token in its placeholder slot, then check whether the sequence ends."""
         params, request = seq.params, seq.request
         self._count_tokens(request, 1)
-        seq.token_ids.append(token)
+        seq.token_ids[slot] = token
+        seq.num_pending -= 1
+        num_output = slot + 1 - seq.num_prompt_tokens
         logprob = float(result.logprobs[row])
         seq.cumulative_logprob += logprob
         if seq.logprobs is not None:
@@ -279,11 +342,11 @@ class LLMEngine:
         else:
             if seq.detokenizer is not None:
                 seq.text += seq.stop_checker.update(
-                    seq.detokenizer.step(token), can_stop=seq.num_output_tokens >= params.min_tokens)
+                    seq.detokenizer.step(token), can_stop=num_output >= params.min_tokens)
                 if seq.stop_checker.stopped:
                     self._finish(seq, "stop", seq.stop_checker.stop)
                     return
-            if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            if num_output >= params.max_tokens or slot + 1 >= self.max_model_len:
                 self._finish(seq, "length")
 
     def _count_tokens(self, request: Request, n: int) -> None:
@@ -339,6 +402,9 @@ class LLMEngine:
             seq.cumulative_logprob = c.score
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        if seq.num_pending:  # tokens of steps still in flight: they will not be read
+            del seq.token_ids[-seq.num_pending:]
+            seq.num_pending = 0
         if seq.stop_checker is not None and not seq.stop_checker.stopped:
             seq.text += seq.stop_checker.update(seq.detokenizer.flush())
             seq.text += seq.stop_checker.finish()

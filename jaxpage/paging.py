@@ -108,6 +108,10 @@ class _SeqPages:
     first_live: dict[str, int]         # first table index not yet released (window groups)
     prefix_ids: list[int]              # prefix ids of the sequence's full, registered pages
     num_computed: int = 0
+    arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # int32 copies
+
+    def changed(self, group: str) -> None:
+        self.arrays.pop(group, None)
 
 
 class KVCacheManager:
@@ -136,9 +140,19 @@ class KVCacheManager:
                         on_evict=lambda p: cache.evict(group, p))
 
     # -- queries -----------------------------------------------------------------------------
+    def has(self, seq_id: int) -> bool:
+        return seq_id in self._seqs
+
     def block_table(self, seq_id: int, group: str) -> list[int]:
         s = self._seqs.get(seq_id)
         return s.tables[group] if s is not None else []
+
+    def block_table_array(self, seq_id: int, group: str) -> np.ndarray:
+        """The block table as int32 (kept between calls until the table changes)."""
+        s = self._seqs[seq_id]
+        if group not in s.arrays:
+            s.arrays[group] = np.asarray(s.tables[group], np.int32)
+        return s.arrays[group]
 
     def num_held_pages(self, seq_id: int, group: str) -> int:
         return sum(1 for p in self.block_table(seq_id, group) if p != NULL_PAGE)
@@ -241,21 +255,28 @@ class KVCacheManager:
                 self.pending_copies[g].append((table[idx], copy))
                 pool.decref(table[idx])
                 table[idx] = copy
-            table.extend(pool.allocate(needed[g] - cow[g]))
+            if needed[g]:
+                table.extend(pool.allocate(needed[g] - cow[g]))
+                s.changed(g)
         return True
 
     def commit(self, seq_id: int, token_ids: Sequence[int], num_computed: int) -> None:
-        """Record that the first `num_computed` tokens are in the pages; cache newly full pages."""
+        """Record that the first `num_computed` tokens are (or, once the launched step runs, will
+        be) in the pages, and cache the newly full pages whose tokens are all known (negative ids
+        are tokens still on the device). Registering at launch is safe: any reuse runs later."""
         s = self._seqs[seq_id]
-        s.num_computed = num_computed
+        s.num_computed = max(s.num_computed, num_computed)  # an older step may report late
         cache = self.prefix_cache
         if cache is None:
             return
         ps = self.page_size
         for p in range(len(s.prefix_ids), num_computed // ps):
+            page_tokens = token_ids[p * ps:(p + 1) * ps]
+            if min(page_tokens) < 0:
+                break
             parent = s.prefix_ids[-1] if s.prefix_ids else ROOT
             pages = {g: s.tables[g][p] for g in self.groups}
-            s.prefix_ids.append(cache.register(parent, token_ids[p * ps:(p + 1) * ps], pages))
+            s.prefix_ids.append(cache.register(parent, page_tokens, pages))
 
     def fork(self, parent_id: int, child_id: int) -> None:
         """The child shares every page of the parent (reference counts go up)."""
@@ -298,4 +319,5 @@ class KVCacheManager:
             if table[i] != NULL_PAGE:
                 self.pools[group].decref(table[i])
                 table[i] = NULL_PAGE
+                s.changed(group)
         s.first_live[group] = max(s.first_live[group], first_needed)

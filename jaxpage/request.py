@@ -41,6 +41,8 @@ class Sequence:
     seed: int
     status: SeqStatus = SeqStatus.WAITING
     num_computed_tokens: int = 0
+    num_pending: int = 0  # trailing token_ids that are placeholders for tokens still on device
+    finishing: bool = False  # its last token is on its way: nothing more to compute
     num_preemptions: int = 0
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float = 0.0
@@ -62,7 +64,8 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """Generated tokens known on the host (placeholders excluded)."""
+        return self.token_ids[self.num_prompt_tokens:len(self.token_ids) - self.num_pending]
 
     @property
     def num_output_tokens(self) -> int:

@@ -134,6 +134,7 @@ class ModelRunner:
         self._variant_set = set(self._variants())
         self.precompile = precompile
         self.compile_seconds = 0.0
+        self._prev_tokens = jnp.zeros((max_num_seqs,), jnp.int32)
 
     # -- buckets and layouts ---------------------------------------------------------------------
     def seq_bucket(self, num_tokens_bucket: int) -> int:
@@ -193,7 +194,8 @@ class ModelRunner:
             t, decode = key
             size = self.step_layout(t).size
             return jax.jit(self._forward_fn(t, decode), donate_argnums=(1,)).lower(
-                self.state, self.kv_caches, jax.ShapeDtypeStruct((size,), jnp.int32))
+                self.state, self.kv_caches, jax.ShapeDtypeStruct((size,), jnp.int32),
+                jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32))
         plan, rows = key, self.row_layout(key.num_rows)
         return jax.jit(self._sample_fn(plan)).lower(
             self.state, jax.ShapeDtypeStruct((plan.num_rows, self.config.d_model), self.act_dtype),
@@ -216,8 +218,11 @@ class ModelRunner:
                                                 self.max_copies))
         layer_types = self.config.layer_types
 
-        def forward(state, kv_caches, packed):
+        def forward(state, kv_caches, packed, prev_tokens):
             f = model_layout.unpack(packed)
+            # -(1 + r) stands for the token the previous step sampled in row r
+            ids = f["token_ids"]
+            ids = jnp.where(ids < 0, prev_tokens[jnp.maximum(-1 - ids, 0)], ids)
             kv_caches = [copy_pages(kv, f[f"copy_src.{g}"], f[f"copy_dst.{g}"])
                          for kv, g in zip(kv_caches, layer_types)]
             meta = AttentionMetadata(
@@ -225,7 +230,7 @@ class ModelRunner:
                 block_tables={g: f[f"block_table.{g}"] for g in groups},
                 backend=backend, max_query_len=1 if decode_only else num_tokens_bucket)
             model = nnx.merge(graphdef, state)
-            hidden, kv_caches = model(f["token_ids"], f["positions"], kv_caches, meta)
+            hidden, kv_caches = model(ids, f["positions"], kv_caches, meta)
             rows = packed[model_layout.size:]  # the sampler's per-row inputs, passed through
             return hidden[f["logits_indices"]], rows, kv_caches
 
@@ -233,21 +238,25 @@ class ModelRunner:
 
     def _sample_fn(self, plan: sampler.SamplerPlan):
         graphdef, rows_layout = self.graphdef, self.row_layout(plan.num_rows)
+        pad = self.max_num_seqs - plan.num_rows
 
         def sample(state, hidden_last, rows, extra):
             arrays = rows_layout.unpack(rows) | dict(extra)
             logits = nnx.merge(graphdef, state).logits(hidden_last)
-            return sampler.sample(logits, arrays, plan)
+            out = sampler.sample(logits, arrays, plan)
+            return out, jnp.pad(out.token_ids, (0, pad))  # the next step's prev_tokens
 
         return sample
 
     # -- one step --------------------------------------------------------------------------------
-    def execute(self, sched: SchedulerOutput, rows: Seq[sampler.RowSpec], sources: Seq[int],
-                kv_manager) -> StepResult:
-        """Run one scheduled step; blocks only on the sampled ids coming back.
+    def dispatch(self, sched: SchedulerOutput, rows: Seq[sampler.RowSpec], sources: Seq[int],
+                 kv_manager) -> StepHandle:
+        """Pack and launch one scheduled step without waiting for it.
 
         Row r samples from the logits of scheduled sequence sources[r] (forked samples share
-        their parent's). Page copies the allocator queued run before the step's writes.
+        their parent's). A negative token id -(1 + r) in a sequence stands for the token row r
+        of the previous dispatched step samples; it is read on the device. Page copies the
+        allocator queued run before the step's writes.
         """
         t = self.bucket_for(max(sched.num_tokens, len(rows)))
         decode_only = sched.is_decode_only and (t, True) in self._variant_set
@@ -262,7 +271,7 @@ class ModelRunner:
             pos += n
             last.append(pos - 1)
             for g in self.groups:
-                table = kv_manager.block_table(seq.seq_id, g)
+                table = kv_manager.block_table_array(seq.seq_id, g)
                 v[f"block_table.{g}"][i, :len(table)] = table
         v["query_start_loc"][len(sched.scheduled):] = pos
         v["logits_indices"][:len(rows)] = [last[src] for src in sources]
@@ -278,12 +287,24 @@ class ModelRunner:
                 extra[name] = arr
 
         hidden_last, row_inputs, self.kv_caches = self._executable("forward", (t, decode_only))(
-            self.state, self.kv_caches, jax.device_put(buf))
-        out = self._executable("sample", plan)(self.state, hidden_last, row_inputs,
-                                               jax.device_put(extra))
-        host = jax.device_get(out)
-        n = len(rows)
-        if plan.num_logprobs:
+            self.state, self.kv_caches, jax.device_put(buf), self._prev_tokens)
+        out, self._prev_tokens = self._executable("sample", plan)(
+            self.state, hidden_last, row_inputs, jax.device_put(extra))
+        return StepHandle(out, len(rows), plan.num_logprobs > 0)
+
+    def collect(self, handle: "StepHandle") -> StepResult:
+        """Wait for a dispatched step's sampled tokens and copy them to the host."""
+        host, n = jax.device_get(handle.output), handle.num_rows
+        if handle.logprobs:
             return StepResult(host.token_ids[:n], host.logprobs[:n], host.top_ids[:n],
                               host.top_logprobs[:n])
         return StepResult(host.token_ids[:n], host.logprobs[:n], None, None)
+
+
+@dataclasses.dataclass
+class StepHandle:
+    """A dispatched step whose sampler output is still on (or on its way from) the device."""
+
+    output: sampler.SamplerOutput
+    num_rows: int
+    logprobs: bool

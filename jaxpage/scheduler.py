@@ -23,11 +23,10 @@ class ScheduledSeq:
     seq: Sequence
     start: int
     num_new_tokens: int
+    samples: bool = dataclasses.field(init=False)  # the step reaches the end: a token is sampled
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the sequence, so a token is sampled for it."""
-        return self.start + self.num_new_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.num_new_tokens == self.seq.num_tokens
 
 
 @dataclasses.dataclass
@@ -78,8 +77,9 @@ class Scheduler:
         taken: set[int] = set()
 
         # Sequences with nothing to compute (beams waiting for their siblings) sit this step out.
-        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
-        prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        active = [s for s in self.running if not s.finishing]
+        decodes = [s for s in active if s.num_tokens - s.num_computed_tokens == 1]
+        prefills = [s for s in active if s.num_tokens - s.num_computed_tokens > 1]
         for seq in decodes + prefills:
             if budget == 0:
                 break

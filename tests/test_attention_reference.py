@@ -1,5 +1,7 @@
 """The XLA attention backend against the plain float64 reference on ragged paged batches."""
 
+import zlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ CASES = {
 @pytest.mark.parametrize("group", [1, 2, 4, 8])
 @pytest.mark.parametrize("soft_cap,window", [(None, None), (5.0, None), (None, 6), (3.0, 17)])
 def test_xla_backend_matches_float64_reference(name, group, soft_cap, window):
-    rng = np.random.default_rng(hash((name, group, soft_cap, window)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((name, group, soft_cap, window)).encode()))
     case = make_case(rng, num_q_heads=2 * group, num_kv_heads=2, head_dim=32, page_size=16,
                      **CASES[name])
     out = reference.ragged_paged_attention(
