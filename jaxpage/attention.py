@@ -81,19 +81,26 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
              metadata: AttentionMetadata, group: str) -> tuple[jax.Array, jax.Array]:
     """Scatter the step's new keys/values [T, Hkv, D] into their page slots.
 
-    Padding tokens are written to slot 0 of page 0, the null page that no sequence owns.
+    On a GPU with the Pallas backend a row-copy kernel does it (measured 3-10x faster than the
+    XLA scatter); elsewhere an XLA scatter whose padding rows are dropped.
     """
-    num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
     table = metadata.block_tables[group]
-    seq, pos, valid = reference.token_positions(metadata.query_start_loc, metadata.kv_lens,
-                                                k.shape[0])
-    page = table[seq, jnp.minimum(pos // page_size, table.shape[1] - 1)]
-    slot = jnp.where(valid, page * page_size + pos % page_size, 0)
-    flat_shape = (num_kv_heads, num_pages * page_size, head_dim)
-    k_pages = k_pages.reshape(flat_shape).at[:, slot].set(k.swapaxes(0, 1).astype(k_pages.dtype))
-    v_pages = v_pages.reshape(flat_shape).at[:, slot].set(v.swapaxes(0, 1).astype(v_pages.dtype))
-    return k_pages.reshape(num_kv_heads, num_pages, page_size, head_dim), v_pages.reshape(
-        num_kv_heads, num_pages, page_size, head_dim)
+    if metadata.backend == "pallas_gpu" and jax.default_backend() == "gpu":
+        from jaxpage.pallas_kernels import gpu_write  # noqa: PLC0415
+
+        return gpu_write.write_kv_pages(k_pages, v_pages, k, v, metadata.query_start_loc,
+                                        metadata.kv_lens, table)
+    num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
+    slots = reference.token_slots(metadata.query_start_loc, metadata.kv_lens, table, k.shape[0],
+                                  page_size, distinct_padding_from=num_pages * page_size)
+
+    def scatter(pages, new):
+        flat = pages.reshape(num_kv_heads, num_pages * page_size, head_dim)
+        flat = flat.at[:, slots].set(new.swapaxes(0, 1).astype(pages.dtype), mode="drop",
+                                     unique_indices=True)
+        return flat.reshape(pages.shape)
+
+    return scatter(k_pages, k), scatter(v_pages, v)
 
 
 def paged_attention(

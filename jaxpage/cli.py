@@ -19,11 +19,14 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(argv[1:])
     parser = argparse.ArgumentParser(prog="jaxpage", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{convert,serve,bench}")
+    # Import only the subcommand being run (each pulls in heavy dependencies of its own).
+    wanted = [argv[0]] if argv and argv[0] in _COMMANDS else list(_COMMANDS)
     modules = {}
     for name, (module_name, help_text) in _COMMANDS.items():
-        module = importlib.import_module(module_name)
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-        modules[name] = module
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name in wanted:
+            modules[name] = importlib.import_module(module_name)
+            modules[name].add_arguments(sub_parser)
     sub.add_parser("bench", help="Run a benchmark: jaxpage bench NAME [args] (see benchmarks/)")
     args = parser.parse_args(argv)
     return int(modules[args.command].run(args) or 0)

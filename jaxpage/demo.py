@@ -21,6 +21,7 @@ from jaxpage.models.config import get_config
 DEMO_MODEL = "gemma3-demo"
 DEMO_SEED = 0
 CORPUS_ASSET = "demo_corpus.txt"
+EMBEDDING_GAIN, FINAL_NORM_OFFSET = 0.1, 2.0  # see temper_random_weights
 STALE_BUILD_S = 3600.0  # a temporary build directory this old belongs to a process that died
 
 # SentencePiece training options, Gemma-like: BPE, byte fallback, digits split, no text
@@ -48,7 +49,7 @@ def demo_version() -> str:
     from jaxpage.checkpoint import FORMAT_VERSION  # noqa: PLC0415
 
     recipe = repr((sorted(TOKENIZER_OPTIONS.items()), DEMO_SEED, get_config(DEMO_MODEL).to_json(),
-                   FORMAT_VERSION)).encode() + _corpus_bytes()
+                   FORMAT_VERSION, EMBEDDING_GAIN, FINAL_NORM_OFFSET)).encode() + _corpus_bytes()
     return f"{jaxpage.__version__}-{hashlib.sha256(recipe).hexdigest()[:10]}"
 
 
@@ -102,8 +103,20 @@ def _build_demo_checkpoint(dst: Path) -> Path:
     if vocab != config.vocab_size:
         raise RuntimeError(f"demo tokenizer has {vocab} pieces but {DEMO_MODEL} expects "
                            f"{config.vocab_size}")
-    model = Gemma(config, dtype=jnp.float32, rngs=nnx.Rngs(DEMO_SEED))
+    model = temper_random_weights(Gemma(config, dtype=jnp.float32, rngs=nnx.Rngs(DEMO_SEED)))
     return save_checkpoint(model, config, dst, tokenizer_path=tokenizer_path)
+
+
+def temper_random_weights(model):
+    """Make a randomly initialised Gemma produce varied tokens (in place; returns the model).
+
+    With tied random embeddings the residual stream is dominated by the input token's own
+    embedding, so the model copies its input. Small embeddings let the layers speak; a larger
+    final-norm gain puts the logits in a realistic range (next-token entropy of a few nats).
+    """
+    model.embedder.embedding[...] = model.embedder.embedding[...] * EMBEDDING_GAIN
+    model.final_norm.scale[...] = model.final_norm.scale[...] + FINAL_NORM_OFFSET
+    return model
 
 
 def _remove_stale_builds(root: Path) -> None:

@@ -144,6 +144,10 @@ class LLMEngine:
             raise RequestError("stop strings need a tokenizer; this engine has none", "stop")
         if params.use_beam_search and params.stop:
             raise RequestError("stop strings are not supported with beam search", "stop")
+        banned = set(params.stop_token_ids) | set(self._eos_ids())
+        if params.min_tokens and len(banned) > sampler.BAN_ROOM:
+            raise RequestError(f"min_tokens can hold back at most {sampler.BAN_ROOM} stop/eos "
+                               f"token ids, got {len(banned)}", "stop_token_ids")
         if params.best_of and params.best_of > params.n and output_kind is OutputKind.DELTA:
             output_kind = OutputKind.FINAL_ONLY  # the best n are only known at the end
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(31)

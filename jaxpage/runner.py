@@ -258,6 +258,11 @@ class ModelRunner:
         of the previous dispatched step samples; it is read on the device. Page copies the
         allocator queued run before the step's writes.
         """
+        return self.launch(self.pack(sched, rows, sources, kv_manager))
+
+    def pack(self, sched: SchedulerOutput, rows: Seq[sampler.RowSpec], sources: Seq[int],
+             kv_manager) -> "PackedStep":
+        """The step's host buffer (one transfer) and the executables it runs with."""
         t = self.bucket_for(max(sched.num_tokens, len(rows)))
         decode_only = sched.is_decode_only and (t, True) in self._variant_set
         buf, v = self.step_layout(t).new_buffer()
@@ -286,11 +291,15 @@ class ModelRunner:
             else:
                 extra[name] = arr
 
-        hidden_last, row_inputs, self.kv_caches = self._executable("forward", (t, decode_only))(
-            self.state, self.kv_caches, jax.device_put(buf), self._prev_tokens)
-        out, self._prev_tokens = self._executable("sample", plan)(
-            self.state, hidden_last, row_inputs, jax.device_put(extra))
-        return StepHandle(out, len(rows), plan.num_logprobs > 0)
+        return PackedStep((t, decode_only), plan, buf, extra, len(rows))
+
+    def launch(self, step: "PackedStep") -> "StepHandle":
+        """Send the packed step to the device and start it; returns without waiting."""
+        hidden_last, row_inputs, self.kv_caches = self._executable("forward", step.bucket)(
+            self.state, self.kv_caches, jax.device_put(step.buffer), self._prev_tokens)
+        out, self._prev_tokens = self._executable("sample", step.plan)(
+            self.state, hidden_last, row_inputs, jax.device_put(step.extra))
+        return StepHandle(out, step.num_rows, step.plan.num_logprobs > 0)
 
     def collect(self, handle: "StepHandle") -> StepResult:
         """Wait for a dispatched step's sampled tokens and copy them to the host."""
@@ -299,6 +308,17 @@ class ModelRunner:
             return StepResult(host.token_ids[:n], host.logprobs[:n], host.top_ids[:n],
                               host.top_logprobs[:n])
         return StepResult(host.token_ids[:n], host.logprobs[:n], None, None)
+
+
+@dataclasses.dataclass
+class PackedStep:
+    """A step ready to launch: its bucket, sampler plan and host inputs."""
+
+    bucket: tuple[int, bool]  # (token bucket, pure decode)
+    plan: sampler.SamplerPlan
+    buffer: np.ndarray
+    extra: dict[str, np.ndarray]
+    num_rows: int
 
 
 @dataclasses.dataclass

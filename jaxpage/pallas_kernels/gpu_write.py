@@ -34,14 +34,6 @@ def _write_kernel(slot_ref, k_ref, v_ref, k_cache_in, v_cache_in, k_cache, v_cac
     gc.store_rows(v_cache, dst, gc.load_rows(v_ref, src, ok), ok)
 
 
-def token_slots(query_start_loc: jax.Array, kv_lens: jax.Array, block_table: jax.Array,
-                num_tokens: int, page_size: int) -> jax.Array:
-    """Flat slot (page * page_size + offset) of every packed token; padding tokens get 0."""
-    seq, pos, valid = reference.token_positions(query_start_loc, kv_lens, num_tokens)
-    page = block_table[seq, jnp.minimum(pos // page_size, block_table.shape[1] - 1)]
-    return jnp.where(valid, page * page_size + pos % page_size, 0).astype(jnp.int32)
-
-
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def write_kv_pages(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
                    query_start_loc: jax.Array, kv_lens: jax.Array, block_table: jax.Array, *,
@@ -55,7 +47,7 @@ def write_kv_pages(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.
     if head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of two for the GPU kernel, got {head_dim}")
     interpret = gc.interpret_mode() if interpret is None else interpret
-    slots = token_slots(query_start_loc, kv_lens, block_table, num_tokens, page_size)
+    slots = reference.token_slots(query_start_loc, kv_lens, block_table, num_tokens, page_size)
     flat = (num_kv_heads * num_pages * page_size, head_dim)
     kernel = functools.partial(_write_kernel, num_tokens=num_tokens, num_kv_heads=num_kv_heads,
                                slots_per_head=num_pages * page_size)

@@ -45,6 +45,20 @@ def token_positions(query_start_loc: jax.Array, kv_lens: jax.Array,
     return seq, jnp.where(valid, pos, 0), valid
 
 
+def token_slots(query_start_loc: jax.Array, kv_lens: jax.Array, block_table: jax.Array,
+                num_tokens: int, page_size: int, *, distinct_padding_from: int | None = None
+                ) -> jax.Array:
+    """Flat cache slot (page * page_size + offset) of every packed token.
+
+    Padding tokens go to slot 0 (the null page), or, with `distinct_padding_from=N`, to distinct
+    slots N + t past the end of the cache, so a scatter can drop them and keep indices unique.
+    """
+    seq, pos, valid = token_positions(query_start_loc, kv_lens, num_tokens)
+    page = block_table[seq, jnp.minimum(pos // page_size, block_table.shape[1] - 1)]
+    padding = 0 if distinct_padding_from is None else distinct_padding_from + jnp.arange(num_tokens)
+    return jnp.where(valid, page * page_size + pos % page_size, padding).astype(jnp.int32)
+
+
 def ragged_paged_attention(
     q: jax.Array,
     k_pages: jax.Array,
