@@ -20,6 +20,7 @@ import gc
 import json
 import sys
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -154,7 +155,11 @@ def run_hf_throughput(config: GemmaConfig, workload: list[tuple[int, int]], *, n
                       dtype: torch.dtype = torch.bfloat16, attn_implementation: str | None = None,
                       seed: int = 0) -> dict:
     """Offline throughput of HF generate on `num_requests` requests whose (input, output)
-    lengths cycle through `workload`, at the largest batch size that fits."""
+    lengths cycle through `workload`, at the largest batch size that fits.
+
+    Should torch.compile fail (other than by running out of memory), the run is made
+    uncompiled and the row says so ("compiled": false, "compile_error").
+    """
     if not workload or any(i < 1 or o < 1 for i, o in workload):
         raise ValueError(f"workload must be a non-empty list of positive (input, output) "
                          f"lengths, got {workload!r}")
@@ -167,41 +172,36 @@ def run_hf_throughput(config: GemmaConfig, workload: list[tuple[int, int]], *, n
     model = hf_model(config, dtype, device, attn_implementation=attn_implementation, seed=seed)
     build_s = time.perf_counter() - t0
     prompts = random_prompts(lengths, config.vocab_size, seed + 2)
-    too_big = []
-    for size in batch_sizes(max_batch, num_requests):
-        batches = plan_batches(lengths, size)
-        graphs_before = _compiled_graphs()
-        try:
-            warmup_s = _generate(model, batches[0], prompts, config.pad_id, compile)
-            warmup_graphs = _compiled_graphs() - graphs_before
-            if torch.device(device).type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            times = [_generate(model, b, prompts, config.pad_id, compile) for b in batches]
-            break
-        except Exception as e:  # noqa: BLE001 - only running out of memory is retried
-            if not _is_oom(e):
-                raise
-        too_big.append(size)  # outside the except block: its traceback still holds tensors
+    compile_error = None
+    try:
+        run = _largest_batch_run(model, lengths, prompts, max_batch, config.pad_id, compile)
+    except Exception as e:  # noqa: BLE001 - a failing compiler still leaves a baseline
+        if not compile or _is_oom(e):
+            raise
+        compile_error = f"{type(e).__name__}: {e}"[:2000]
+        traceback.print_exc()
+    if compile_error is not None:
+        print("hf_baseline: torch.compile failed; running uncompiled", file=sys.stderr)
         _forget(model)
-    else:
-        raise RuntimeError(f"{config.name}: out of memory even at batch size 1")
-    if compile and not warmup_graphs:
+        run = _largest_batch_run(model, lengths, prompts, max_batch, config.pad_id, False)
+    elif compile and not run.warmup_graphs:
         print("hf_baseline: generate did not compile (transformers compiles on GPUs only)",
               file=sys.stderr)
-    seconds = sum(times)
+    seconds = sum(run.times)
     in_tokens, out_tokens = sum(i for i, _ in lengths), sum(o for _, o in lengths)
-    generated = sum(size * b.new_tokens for b in batches)
     row = {
-        "model": config.name, "num_requests": num_requests, "batch": size,
-        "num_batches": len(batches), "seconds": seconds,
+        "model": config.name, "num_requests": num_requests, "batch": run.size,
+        "num_batches": len(run.batches), "seconds": seconds,
         "requests_per_s": num_requests / seconds, "output_tokens_per_s": out_tokens / seconds,
         "total_tokens_per_s": (in_tokens + out_tokens) / seconds,
         "input_tokens": in_tokens, "output_tokens": out_tokens,
-        "generated_tokens": generated,  # rows x steps run, padding rows and extra steps included
-        "compile_s": max(0.0, warmup_s - times[0]), "warmup_s": warmup_s, "build_s": build_s,
-        "out_of_memory_at": too_big, "compiled": warmup_graphs > 0,
-        "compiled_graphs_warmup": warmup_graphs,
-        "compiled_graphs_timed": _compiled_graphs() - graphs_before - warmup_graphs,
+        # rows x steps generated, padding rows and steps past a request's own length included
+        "generated_tokens": sum(run.size * b.new_tokens for b in run.batches),
+        "compile_s": max(0.0, run.warmup_s - run.times[0]), "warmup_s": run.warmup_s,
+        "build_s": build_s, "out_of_memory_at": run.too_big,
+        "compiled": run.warmup_graphs > 0, "compile_error": compile_error,
+        "compiled_graphs_warmup": run.warmup_graphs,
+        "compiled_graphs_timed": run.timed_graphs,
         "attn_implementation": attention_implementation(model), "dtype": str(dtype),
         "device": _device_name(device), "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -211,6 +211,41 @@ def run_hf_throughput(config: GemmaConfig, workload: list[tuple[int, int]], *, n
     del model
     _forget(None)
     return row
+
+
+@dataclasses.dataclass
+class _Run:
+    size: int
+    batches: list[Batch]
+    warmup_s: float
+    times: list[float]
+    too_big: list[int]
+    warmup_graphs: int
+    timed_graphs: int
+
+
+def _largest_batch_run(model, lengths: list[tuple[int, int]], prompts: list[np.ndarray],
+                       max_batch: int, pad_id: int, compile: bool) -> _Run:
+    """Warm-up then timed run of every batch, at the first batch size down from max_batch
+    that does not run out of device memory."""
+    too_big = []
+    for size in batch_sizes(max_batch, len(lengths)):
+        batches = plan_batches(lengths, size)
+        graphs = _compiled_graphs()
+        try:
+            warmup_s = _generate(model, batches[0], prompts, pad_id, compile)
+            warmup_graphs = _compiled_graphs() - graphs
+            if model.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(model.device)
+            times = [_generate(model, b, prompts, pad_id, compile) for b in batches]
+            return _Run(size, batches, warmup_s, times, too_big, warmup_graphs,
+                        _compiled_graphs() - graphs - warmup_graphs)
+        except Exception as e:  # noqa: BLE001 - only running out of memory is retried
+            if not _is_oom(e):
+                raise
+        too_big.append(size)  # outside the except block: its traceback still holds tensors
+        _forget(model)
+    raise RuntimeError(f"out of memory even at batch size 1 (tried {too_big})")
 
 
 def _generate(model, batch: Batch, prompts: list[np.ndarray], pad_id: int,

@@ -127,7 +127,7 @@ def stream_completion(host: str, port: int, body: dict, result: RequestResult, t
             for choice in chunk.get("choices", []):
                 chunk_times.append(now)
                 result.finish_reason = choice.get("finish_reason") or result.finish_reason
-    except (OSError, http.client.HTTPException, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a broken response fails its request, not the run
         result.error = f"{type(e).__name__}: {e}"
         return result
     finally:
@@ -137,9 +137,15 @@ def stream_completion(host: str, port: int, body: dict, result: RequestResult, t
         return result
     result.ttft = chunk_times[0] - sent
     result.itl = np.diff(chunk_times).tolist()
-    result.output_tokens = usage["completion_tokens"] if usage else len(chunk_times)
+    result.output_tokens = int((usage or {}).get("completion_tokens", len(chunk_times)))
     result.ok = True
     return result
+
+
+def random_prompts(lengths: list[int], vocab_size: int, seed: int) -> list[list[int]]:
+    """Random token ids in [10, vocab_size), a fresh stream for every seed."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(FIRST_PROMPT_ID, vocab_size, size=n).tolist() for n in lengths]
 
 
 def arrival_times(n: int, rate: float, seed: int = 0) -> np.ndarray:
@@ -333,8 +339,6 @@ def main(argv: list[str] | None = None) -> int:
     from jaxpage.benchmarks import common  # noqa: PLC0415 - imports JAX (no device is used)
 
     lengths = common.workload(args.workload, args.num_prompts, seed=args.seed)
-    rng = np.random.default_rng(args.seed + 1)
-    prompts = [rng.integers(FIRST_PROMPT_ID, args.vocab_size, size=i).tolist() for i, _ in lengths]
     outputs = [o for _, o in lengths]
     server_args = shlex.split(args.server_args)
     if not args.url and not any(a.startswith("--max-queued-requests") for a in server_args):
@@ -347,12 +351,14 @@ def main(argv: list[str] | None = None) -> int:
         if max_model_len and longest > max_model_len:
             raise SystemExit(f"a request needs {longest} tokens; the server's max_model_len "
                              f"is {max_model_len}")
-        probe, _ = run_load(url, model, prompts[:1], [min(outputs[0], 4)], rate=math.inf,
-                            timeout=args.timeout)
-        if not probe[0].ok or probe[0].output_tokens != min(outputs[0], 4):
+        probe_prompt = random_prompts([8], args.vocab_size, seed=args.seed + len(args.rates))
+        probe, _ = run_load(url, model, probe_prompt, [4], rate=math.inf, timeout=args.timeout)
+        if not probe[0].ok or probe[0].output_tokens != 4:
             raise SystemExit(f"the probe request failed: {probe[0].error or probe[0]}")
         rows, details = [], []
-        for rate in args.rates:
+        for k, rate in enumerate(args.rates):
+            # fresh prompts for every rate: none is served from an earlier rate's prefix cache
+            prompts = random_prompts([i for i, _ in lengths], args.vocab_size, seed=args.seed + k)
             results, duration = run_load(url, model, prompts, outputs, rate=rate,
                                          seed=args.seed, max_concurrency=args.max_concurrency,
                                          timeout=args.timeout, temperature=args.temperature)

@@ -1,4 +1,4 @@
-"""The Hugging Face transformers baseline (benchmarks/hf_baseline.py), on the CPU with tiny models."""
+"""The Hugging Face transformers baseline (benchmarks/hf_baseline.py) on the CPU, tiny models."""
 
 from __future__ import annotations
 
@@ -156,6 +156,22 @@ def test_other_errors_are_not_retried(monkeypatch):
     with pytest.raises(RuntimeError, match="shape mismatch"):
         hb.run_hf_throughput(get_config("gemma2-tiny"), MIXED, num_requests=3, max_batch=4,
                              compile=False, device="cpu", dtype=torch.float32)
+
+
+def test_a_failing_compiler_leaves_an_uncompiled_run_that_says_so(monkeypatch, capsys):
+    real_generate = hb._generate
+
+    def generate(model, batch, prompts, pad_id, compile):
+        if compile:
+            raise RuntimeError("BackendCompilerFailed: no C compiler")
+        return real_generate(model, batch, prompts, pad_id, compile)
+
+    monkeypatch.setattr(hb, "_generate", generate)
+    row = hb.run_hf_throughput(get_config("gemma3-tiny"), MIXED, num_requests=3, max_batch=4,
+                               compile=True, device="cpu", dtype=torch.float32)
+    assert row["compiled"] is False and "no C compiler" in row["compile_error"]
+    assert row["batch"] == 4 and row["output_tokens"] == 5 + 3 + 6
+    assert "running uncompiled" in capsys.readouterr().err
 
 
 def test_a_batch_that_stops_early_is_an_error_not_a_faster_run():

@@ -54,6 +54,13 @@ def test_command_line_refuses_a_remote_url(capsys):
     assert "127.0.0.1" in capsys.readouterr().err
 
 
+def test_prompts_are_random_ids_of_the_asked_lengths_fresh_for_every_seed():
+    a, b = serving.random_prompts([16, 3], 1000, seed=0), serving.random_prompts([16, 3], 1000, 1)
+    assert [len(p) for p in a] == [16, 3]
+    assert all(10 <= t < 1000 for p in a + b for t in p)
+    assert a[0] != b[0] and a == serving.random_prompts([16, 3], 1000, seed=0)
+
+
 def _percentile(values, p):
     """Linear interpolation between closest ranks (numpy's default), written out."""
     xs = sorted(values)
