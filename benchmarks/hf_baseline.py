@@ -1,11 +1,14 @@
 """Baseline: Hugging Face transformers `generate` with a static cache and torch.compile.
 
 vLLM's offline methodology: every request is known up front (random token prompts, fixed output
-lengths, EOS ignored through min_new_tokens = max_new_tokens). Requests run in static batches,
-longest first (as a user would sort them), prompts padded on the left; each batch generates the
-longest output of its members and only the requested tokens count. The batch size is the largest
-power of two from --max-batch down that does not run out of device memory. The first batch is
-run once untimed to compile (reported, not timed).
+lengths, EOS ignored through min_new_tokens = max_new_tokens). Requests run in static batches of
+similar lengths (as a user would sort them), prompts padded on the left; each batch generates
+the longest output of its members and only the requested tokens count. generate compiles its
+decode step itself (transformers' default CompileConfig: torch.compile, mode "reduce-overhead",
+i.e. CUDA graphs); batches are planned so that one compiled graph serves them all. The batch
+size is the largest power of two from --max-batch down that does not run out of device memory.
+The first batch is run once untimed (compile and graph capture: reported as compile_s).
+Attention: transformers' choice, SDPA for Gemma 3 and eager for Gemma 2 (SDPA has no soft-cap).
 
     jaxpage bench hf_baseline --model gemma2-2b --workload 1024x128,sharegpt --num-requests 500
     python -m jaxpage.benchmarks.hf_baseline --model gemma3-4b --workload 1024x128 --json -

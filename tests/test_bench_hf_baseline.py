@@ -10,6 +10,7 @@ import hf_models
 import pytest
 import torch
 
+from jaxpage.benchmarks import common
 from jaxpage.benchmarks import hf_baseline as hb
 from jaxpage.checkpoint import param_shapes
 from jaxpage.models.config import get_config
@@ -209,3 +210,16 @@ def test_command_line_prints_the_table_and_the_json_row_last(capsys):
     assert row["workload"] == "9x3" and row["model"] == "gemma3-tiny"
     assert row["batch"] == 2 and row["output_tokens"] == 9 and row["input_tokens"] == 27
     assert lines[0].split()[:2] == ["workload", "batch"]
+
+
+def test_command_line_writes_dated_json_and_plot_to_results(monkeypatch, tmp_path):
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.delenv("OUT", raising=False)
+    assert hb.main(["--model", "gemma2-tiny", "--workload", "5x2,sharegpt", "--num-requests", "2",
+                    "--max-batch", "2", "--no-compile", "--device", "cpu",
+                    "--dtype", "float32"]) == 0
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".png"]
+    payload = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert [r["workload"] for r in payload["rows"]] == ["5x2", "sharegpt"]
+    assert payload["rows"][1]["output_tokens"] == sum(
+        o for _, o in common.workload("sharegpt", 2, seed=1))
