@@ -325,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds one request may take before it counts as failed")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=1,
+                        help="lengths, prompts and arrivals (throughput.py draws lengths with 1)")
     parser.add_argument("--json", metavar="PATH",
                         help="write the results here instead of results/ ('-': stdout)")
     args = parser.parse_args(argv)
