@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 
 import numpy as np
 import pytest
@@ -165,7 +166,9 @@ def test_workloads_longer_than_the_server_takes_stop_before_sending(url):
         serving.main(["--url", url, "--workload", f"{MAX_MODEL_LEN}x8", "--num-prompts", "1"])
 
 
-def test_a_server_that_cannot_start_is_reported_with_its_log():
-    with pytest.raises(RuntimeError, match="exited with 2"):
+def test_a_server_that_cannot_start_is_reported_and_its_log_kept(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(RuntimeError, match="exited with 2:\n(.|\n)*max-queued-requests"):
         with serving.launched_server(["--max-queued-requests", "-1"]):
             pass
+    assert len(list(tmp_path.glob("jaxpage-serving-bench-*.log"))) == 1
