@@ -1,0 +1,164 @@
+"""Decode roofline: step time against the HBM limit, and the host's share of a step.
+
+    jaxpage bench roofline --model gemma2-2b --batches 1,16,64,128,256 --contexts 512,2048,8192
+
+For each (batch, context) the device step time is measured on a synthetic decode batch (pages
+allocated as if the context had been prefilled), and model bandwidth utilisation is
+MBU = (weight bytes + KV bytes read) / step time / HBM bandwidth, the bandwidth measured in the
+same run. Host overhead = engine step time - device step time, with the engine serving real
+requests (prefilled for real) in steady decode at --engine-batch x --engine-context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from jaxpage.benchmarks import common
+
+
+def synthetic_decode(engine, batch: int, context: int, seed: int = 0):
+    """Sequences whose first `context` tokens are (as if) cached, each decoding its next token."""
+    from jaxpage.request import Request, Sequence, SeqStatus  # noqa: PLC0415
+    from jaxpage.sampling_params import SamplingParams  # noqa: PLC0415
+    from jaxpage.scheduler import ScheduledSeq, SchedulerOutput  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    params = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    scheduled = []
+    for i in range(batch):
+        tokens = rng.integers(10, engine.model_config.vocab_size, size=context + 1).tolist()
+        request = Request(f"s{i}", None, tokens[:context], params, engine.model_config.eos_ids)
+        seq = Sequence(10**9 + i, request, 0, tokens, seed=i, status=SeqStatus.RUNNING)
+        request.sequences.append(seq)
+        if not (engine.kv.allocate(seq.seq_id, 0, context)
+                and engine.kv.allocate(seq.seq_id, context, 1)):  # 2nd call drops window pages
+            for item in scheduled:
+                engine.kv.free(item.seq.seq_id)
+            engine.kv.free(seq.seq_id)
+            return None
+        seq.num_computed_tokens = context
+        scheduled.append(ScheduledSeq(seq, context, 1))
+    return SchedulerOutput(scheduled, [])
+
+
+def device_step_seconds(engine, sched, reps: int = 30) -> float:
+    """Median-free mean over back-to-back launches of one packed decode step."""
+    rows = [engine._row_spec(item.seq) for item in sched.scheduled]
+    packed = engine.runner.pack(sched, rows, list(range(len(rows))), engine.kv)
+    for _ in range(3):  # compile (first use) and warm up
+        engine.runner.collect(engine.runner.launch(packed))
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        handle = engine.runner.launch(packed)
+    engine.runner.collect(handle)
+    return (time.perf_counter() - t0) / reps
+
+
+def engine_step_seconds(engine, batch: int, context: int, steps: int = 40) -> float:
+    """Mean engine.step() time in steady decode of `batch` real requests at ~`context`."""
+    from jaxpage.engine import OutputKind  # noqa: PLC0415
+    from jaxpage.sampling_params import SamplingParams  # noqa: PLC0415
+
+    rng = np.random.default_rng(1)
+    params = SamplingParams(temperature=1.0, max_tokens=steps + 20, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"e{i}", prompt_token_ids=rng.integers(
+            10, engine.model_config.vocab_size, size=context).tolist(), params=params,
+            output_kind=OutputKind.FINAL_ONLY)
+    while any(s.num_output_tokens < 3 for r in engine.requests.values() for s in r.sequences):
+        engine.step()  # prefill, then a few decode steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    elapsed = (time.perf_counter() - t0) / steps
+    while engine.has_unfinished_requests():
+        engine.step()
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxpage bench roofline", description=__doc__)
+    parser.add_argument("--model", default="gemma2-2b")
+    parser.add_argument("--batches", default="1,16,64,128,256")
+    parser.add_argument("--contexts", default="512,2048,8192")
+    parser.add_argument("--engine-batch", type=int, default=64)
+    parser.add_argument("--engine-context", type=int, default=2048)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--bandwidth-mib", type=int, default=4096,
+                        help="size of the copy that measures HBM bandwidth")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
+
+    from jaxpage.config import EngineConfig  # noqa: PLC0415
+    from jaxpage.engine import LLMEngine  # noqa: PLC0415
+
+    bandwidth = common.hbm_bandwidth(args.bandwidth_mib << 20)
+    model = common.random_model(args.model, dtype=args.dtype)
+    weights = common.weight_bytes(model)
+    engine = LLMEngine(model, config=EngineConfig(
+        max_num_seqs=max(batches + [args.engine_batch]), max_num_batched_tokens=4096,
+        max_model_len=max(contexts + [args.engine_context]) + 128, precompile=False,
+        attention_backend=args.backend, gpu_memory_utilization=args.gpu_memory_utilization))
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            sched = synthetic_decode(engine, batch, context)
+            if sched is None:
+                rows.append({"batch": batch, "context": context, "note": "KV does not fit"})
+                continue
+            seconds = device_step_seconds(engine, sched)
+            for item in sched.scheduled:
+                engine.kv.free(item.seq.seq_id)
+            moved = weights + batch * common.decode_kv_read_bytes(engine.model_config, context)
+            rows.append({"batch": batch, "context": context, "step_ms": seconds * 1e3,
+                         "GB_moved": moved / 1e9, "TB_per_s": moved / seconds / 1e12,
+                         "MBU": moved / seconds / bandwidth,
+                         "tokens_per_s": batch / seconds})
+    device = next(r for r in rows if r["batch"] == args.engine_batch
+                  and r["context"] == args.engine_context and "step_ms" in r)
+    engine_s = engine_step_seconds(engine, args.engine_batch, args.engine_context)
+    overhead = {"batch": args.engine_batch, "context": args.engine_context,
+                "engine_step_ms": engine_s * 1e3, "device_step_ms": device["step_ms"],
+                "host_overhead_ms": engine_s * 1e3 - device["step_ms"],
+                "host_overhead_frac": (engine_s * 1e3 - device["step_ms"]) / (engine_s * 1e3)}
+    common.print_table(rows, ["batch", "context", "step_ms", "GB_moved", "TB_per_s", "MBU",
+                              "tokens_per_s", "note"])
+    print(f"HBM bandwidth (copy, read+write): {bandwidth / 1e12:.2f} TB/s; weights "
+          f"{weights / 1e9:.2f} GB")
+    common.print_table([overhead], list(overhead))
+    common.save_results(f"roofline-{args.model}", {
+        "model": args.model, "hbm_bandwidth_TBps": bandwidth / 1e12, "weight_GB": weights / 1e9,
+        "rows": rows, "host_overhead": overhead}, plot=lambda p: _plot(rows, contexts, p))
+    return 0
+
+
+def _plot(rows, contexts, path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in contexts:
+        pts = [(r["batch"], r["MBU"]) for r in rows if r["context"] == c and "MBU" in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=f"context {c}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch")
+    ax.set_ylabel("MBU")
+    ax.axhline(0.75, ls="--", c="grey")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

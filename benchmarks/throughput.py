@@ -1,0 +1,140 @@
+"""Offline throughput, vLLM's methodology: N random-token requests at once, ignore_eos, fixed lengths.
+
+    jaxpage bench throughput --model gemma2-2b --workloads 1024x128,sharegpt --num-requests 500
+
+Systems, in one invocation on the same device: jaxpage (LLM.generate), the contiguous-cache JAX
+baseline at jaxpage's KV memory budget (benchmarks/contiguous.py) and, with --hf, Hugging Face
+transformers generate (static cache + torch.compile) run first in a child process so that JAX
+and PyTorch do not compete for device memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+from jaxpage.benchmarks import common
+from jaxpage.models.config import get_config
+
+
+def run_jaxpage(llm, lengths, prompts) -> dict:
+    """Throughput row for jaxpage (the engine is built and compiled beforehand)."""
+    from jaxpage import SamplingParams  # noqa: PLC0415
+
+    params = [SamplingParams(temperature=1.0, max_tokens=o, ignore_eos=True) for _, o in lengths]
+    llm.generate(prompt_token_ids=prompts[:8], sampling_params=params[:8], use_tqdm=False)
+    preempted = llm.engine.stats().num_preemptions
+    t0 = time.perf_counter()
+    llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    in_tokens, out_tokens = sum(i for i, _ in lengths), sum(o for _, o in lengths)
+    return {"system": "jaxpage", "seconds": elapsed, "requests_per_s": len(lengths) / elapsed,
+            "output_tokens_per_s": out_tokens / elapsed,
+            "total_tokens_per_s": (in_tokens + out_tokens) / elapsed,
+            "preemptions": llm.engine.stats().num_preemptions - preempted}
+
+
+def run_hf_child(args, spec: str) -> dict | None:
+    """HF transformers in a child process (its own CUDA context); None when it fails."""
+    cmd = [sys.executable, "-m", "jaxpage.benchmarks.hf_baseline", "--model", args.model,
+           "--workload", spec, "--num-requests", str(args.num_requests), "--seed", "1",
+           "--json", "-"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if proc.returncode != 0:
+        print(f"HF baseline failed for {spec}:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"system": "hf_transformers", **row}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxpage bench throughput", description=__doc__)
+    parser.add_argument("--model", default="gemma2-2b")
+    parser.add_argument("--workloads", default="1024x128,sharegpt")
+    parser.add_argument("--num-requests", type=int, default=500)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--hf", action="store_true", help="also run the HF transformers baseline")
+    parser.add_argument("--no-contiguous", action="store_true")
+    args = parser.parse_args(argv)
+    specs = args.workloads.split(",")
+    max_len = min(2048, get_config(args.model).max_context // 2)
+    workloads = {s: common.workload(s, args.num_requests, seed=1, max_len=max_len) for s in specs}
+    if args.max_model_len is None:
+        args.max_model_len = max(i + o for w in workloads.values() for i, o in w) + 16
+
+    hf_rows = {s: run_hf_child(args, s) for s in specs} if args.hf else {}
+
+    from jaxpage.benchmarks.contiguous import run_contiguous  # noqa: PLC0415 - after HF ran
+
+    from jaxpage import LLM  # noqa: PLC0415
+
+    model = common.random_model(args.model, dtype=args.dtype)
+    t0 = time.perf_counter()
+    llm = LLM(model=model, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.backend,
+              max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization)
+    startup = {"startup_s": time.perf_counter() - t0, "compile_s": llm.engine.runner.compile_seconds,
+               "kv_cache_gib": sum(k.nbytes + v.nbytes for k, v in llm.engine.runner.kv_caches)
+               / 2**30}
+    kv_bytes, backend = int(startup["kv_cache_gib"] * 2**30), llm.engine.backend
+    prompts = {s: common.random_prompts(w, model.config.vocab_size, seed=2)
+               for s, w in workloads.items()}
+    rows = [{"workload": s, **run_jaxpage(llm, w, prompts[s]), **startup}
+            for s, w in workloads.items()]
+    del llm  # frees the KV cache for the baseline
+    gc.collect()
+    for spec, lengths in workloads.items():
+        if not args.no_contiguous:
+            rows.append({"workload": spec, **run_contiguous(
+                model, lengths, prompts[spec], kv_budget_bytes=kv_bytes, backend=backend,
+                max_batch=args.max_num_seqs)})
+        if hf_rows.get(spec):
+            rows.append({"workload": spec, **hf_rows[spec]})
+    for spec in specs:
+        base = next(r for r in rows if r["workload"] == spec and r["system"] == "jaxpage")
+        for r in rows:
+            if r["workload"] == spec:
+                r["jaxpage_speedup"] = base["output_tokens_per_s"] / r["output_tokens_per_s"]
+    common.print_table(rows, ["workload", "system", "requests_per_s", "output_tokens_per_s",
+                              "total_tokens_per_s", "batch", "seconds", "compile_s",
+                              "jaxpage_speedup"])
+    common.save_results(f"throughput-{args.model}", {"model": args.model, "rows": rows,
+                                                      "num_requests": args.num_requests},
+                        plot=lambda path: _plot(rows, path))
+    return 0
+
+
+def _plot(rows, path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    specs = list(dict.fromkeys(r["workload"] for r in rows))
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(systems)
+    for k, system in enumerate(systems):
+        vals = [next((r["output_tokens_per_s"] for r in rows
+                      if r["workload"] == s and r["system"] == system), 0) for s in specs]
+        ax.bar([i + k * width for i in range(len(specs))], vals, width, label=system)
+    ax.set_xticks([i + width * (len(systems) - 1) / 2 for i in range(len(specs))], specs)
+    ax.set_ylabel("output tokens / s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Every benchmark runs end to end at tiny sizes on the CPU and reports consistent numbers."""
+
+import json
+
+import pytest
+
+from jaxpage.benchmarks import coldstart, latency, long_context, roofline, throughput
+
+
+@pytest.fixture(autouse=True)
+def results_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr("jaxpage.benchmarks.common.RESULTS_DIR", tmp_path)
+    monkeypatch.delenv("OUT", raising=False)
+    return tmp_path
+
+
+def result(results_dir, name):
+    (path,) = results_dir.glob(f"*-{name}.json")
+    return json.loads(path.read_text())
+
+
+def test_throughput_compares_jaxpage_with_the_contiguous_baseline(results_dir):
+    throughput.main(["--model", "gemma2-tiny", "--workloads", "16x6", "--num-requests", "6",
+                     "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--dtype", "float32"])
+    rows = result(results_dir, "throughput-gemma2-tiny")["rows"]
+    assert {r["system"] for r in rows} == {"jaxpage", "contiguous"}
+    assert all(r["output_tokens_per_s"] > 0 for r in rows)
+    assert (results_dir / next(results_dir.glob("*.json")).name).with_suffix(".png").exists()
+
+
+def test_roofline_reports_mbu_and_host_overhead(results_dir):
+    roofline.main(["--model", "gemma3-tiny", "--batches", "1,4", "--contexts", "24",
+                   "--engine-batch", "4", "--engine-context", "24", "--bandwidth-mib", "16",
+                   "--dtype", "float32"])
+    out = result(results_dir, "roofline-gemma3-tiny")
+    assert len(out["rows"]) == 2 and all(0 < r["MBU"] for r in out["rows"])
+    assert out["host_overhead"]["engine_step_ms"] > 0
+
+
+def test_latency_reports_ttft_and_step_time(results_dir):
+    latency.main(["--model", "gemma2-tiny", "--batches", "1,3", "--inputs", "8", "--output", "4",
+                  "--max-num-batched-tokens", "16", "--dtype", "float32"])
+    rows = result(results_dir, "latency-gemma2-tiny")["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    assert all(0 < r["ttft_ms"] < r["e2e_s"] * 1e3 for r in rows)
+
+
+def test_long_context_capacity_matches_what_actually_runs(results_dir):
+    long_context.main(["--model", "gemma3-tiny", "--context", "400", "--output", "100",
+                       "--max-num-batched-tokens", "64", "--max-num-seqs", "16",
+                       "--num-pages", "200", "--admit", "--dtype", "float32"])
+    out = result(results_dir, "long-context-gemma3-tiny")
+    assert out["fit_with_recycling"] > out["fit_without_recycling"]
+    assert out["running_at_once"] == out["fit_with_recycling"]
+
+
+def test_cold_start_is_faster_with_a_warm_compilation_cache(results_dir, tmp_path):
+    coldstart.main(["--model", "gemma3-tiny", "--workdir", str(tmp_path / "work"),
+                    "--max-num-seqs", "4", "--max-num-batched-tokens", "16"])
+    cold, warm = result(results_dir, "coldstart-gemma3-tiny")["rows"]
+    assert warm["compile_s"] < cold["compile_s"]
