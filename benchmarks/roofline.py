@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for context in contexts:
         for batch in batches:
+            if context + 1 > engine.max_model_len:
+                rows.append({"batch": batch, "context": context,
+                             "note": f"beyond the model's {engine.max_model_len} tokens"})
+                continue
             sched = synthetic_decode(engine, batch, context)
             if sched is None:
                 rows.append({"batch": batch, "context": context, "note": "KV does not fit"})
@@ -123,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                          "tokens_per_s": batch / seconds})
     device = next(r for r in rows if r["batch"] == args.engine_batch
                   and r["context"] == args.engine_context and "step_ms" in r)
+    step_memory = _step_memory(engine, args.engine_batch)
     engine_s = engine_step_seconds(engine, args.engine_batch, args.engine_context)
     overhead = {"batch": args.engine_batch, "context": args.engine_context,
                 "engine_step_ms": engine_s * 1e3, "device_step_ms": device["step_ms"],
@@ -133,10 +138,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"HBM bandwidth (copy, read+write): {bandwidth / 1e12:.2f} TB/s; weights "
           f"{weights / 1e9:.2f} GB")
     common.print_table([overhead], list(overhead))
+    print("decode step executable memory (GiB):", step_memory)
     common.save_results(f"roofline-{args.model}", {
         "model": args.model, "hbm_bandwidth_TBps": bandwidth / 1e12, "weight_GB": weights / 1e9,
-        "rows": rows, "host_overhead": overhead}, plot=lambda p: _plot(rows, contexts, p))
+        "rows": rows, "host_overhead": overhead, "decode_step_memory": step_memory},
+        plot=lambda p: _plot(rows, contexts, p))
     return 0
+
+
+def _step_memory(engine, batch: int) -> dict:
+    """XLA's memory analysis of the decode step: the KV cache must be aliased, not copied."""
+    runner = engine.runner
+    exe = runner._executable("forward", (runner.bucket_for(batch), True))
+    m = exe.memory_analysis()
+    kv = sum(k.nbytes + v.nbytes for k, v in runner.kv_caches)
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+              "temp_size_in_bytes")
+    return {"kv_cache": kv / 2**30, **{f.removesuffix("_size_in_bytes"): getattr(m, f) / 2**30
+                                       for f in fields}}
 
 
 def _plot(rows, contexts, path) -> None:

@@ -44,7 +44,12 @@ def run_hf_child(args, spec: str) -> dict | None:
     cmd = [sys.executable, "-m", "jaxpage.benchmarks.hf_baseline", "--model", args.model,
            "--workload", spec, "--num-requests", str(args.num_requests), "--seed", "1",
            "--json", "-"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(),
+                              timeout=args.hf_timeout)
+    except subprocess.TimeoutExpired:
+        print(f"HF baseline for {spec} exceeded {args.hf_timeout} s", file=sys.stderr)
+        return None
     if proc.returncode != 0:
         print(f"HF baseline failed for {spec}:\n{proc.stderr[-3000:]}", file=sys.stderr)
         return None
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--hf", action="store_true", help="also run the HF transformers baseline")
+    parser.add_argument("--hf-timeout", type=float, default=600.0, help="seconds per workload")
     parser.add_argument("--no-contiguous", action="store_true")
     args = parser.parse_args(argv)
     specs = args.workloads.split(",")
