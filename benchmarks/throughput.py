@@ -47,9 +47,11 @@ def run_hf_child(args, spec: str) -> dict | None:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(),
                               timeout=args.hf_timeout)
-    except subprocess.TimeoutExpired:
-        print(f"HF baseline for {spec} exceeded {args.hf_timeout} s", file=sys.stderr)
+    except subprocess.TimeoutExpired as e:
+        print(f"HF baseline for {spec} exceeded {args.hf_timeout} s; its log ends:\n"
+              f"{(e.stderr or b'')[-2000:]!r}", file=sys.stderr)
         return None
+    print(f"HF baseline {spec} log:\n{proc.stderr[-1500:]}", file=sys.stderr)
     if proc.returncode != 0:
         print(f"HF baseline failed for {spec}:\n{proc.stderr[-3000:]}", file=sys.stderr)
         return None

@@ -80,17 +80,16 @@ class PackedLayout:
         return buf, views
 
 
-def step_fields(num_tokens: int, num_seqs: int, max_pages: int, groups: Seq[str],
-                max_copies: int) -> tuple[Field, ...]:
+def step_fields(num_tokens: int, num_seqs: int, max_pages: int,
+                groups: Seq[str]) -> tuple[Field, ...]:
     """Model inputs of one step: token_ids[T], positions[T], query_start_loc[S+1], kv_lens[S],
-    logits_indices[S] (packed row each sampling row reads), per group a [S, max_pages] block
-    table and copy-on-write page copies copy_src/copy_dst[max_copies] (padding copies 0 -> 0)."""
+    logits_indices[S] (packed row each sampling row reads) and a [S, max_pages] block table per
+    layer group."""
     t, s = num_tokens, num_seqs
     return (("token_ids", (t,), "int32"), ("positions", (t,), "int32"),
             ("query_start_loc", (s + 1,), "int32"), ("kv_lens", (s,), "int32"),
             ("logits_indices", (s,), "int32"),
-            *((f"block_table.{g}", (s, max_pages), "int32") for g in groups),
-            *((f"copy_{end}.{g}", (max_copies,), "int32") for g in groups for end in ("src", "dst")))
+            *((f"block_table.{g}", (s, max_pages), "int32") for g in groups))
 
 
 @dataclasses.dataclass
@@ -103,10 +102,14 @@ class StepResult:
     top_logprobs: np.ndarray | None
 
 
-def copy_pages(kv: tuple[jax.Array, jax.Array], src: jax.Array, dst: jax.Array):
-    """Copy-on-write: pages src[i] -> dst[i] in one layer's (k_pages, v_pages)."""
-    k, v = kv
-    return k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])
+def copy_pages(kv_caches, copies: jax.Array, layer_types: Seq[str], groups: Seq[str]):
+    """Copy-on-write: page copies[g, 0, i] -> copies[g, 1, i] in every layer of group g
+    (padding copies are 0 -> 0, the null page onto itself)."""
+    out = []
+    for (k, v), t in zip(kv_caches, layer_types):
+        src, dst = copies[groups.index(t)]
+        out.append((k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])))
+    return out
 
 
 class ModelRunner:
@@ -130,6 +133,7 @@ class ModelRunner:
         self.token_buckets = token_buckets(max_num_batched_tokens)
         self._forward: dict[tuple[int, bool], object] = {}
         self._sample: dict[sampler.SamplerPlan, object] = {}
+        self._copy: dict[None, object] = {}  # the copy-on-write executable, run only when needed
         self._compile_workers = compile_workers
         self._variant_set = set(self._variants())
         self.precompile = precompile
@@ -157,8 +161,7 @@ class ModelRunner:
     def step_layout(self, num_tokens_bucket: int) -> PackedLayout:
         """The step buffer: model inputs, then the sampler's per-row inputs."""
         s = self.seq_bucket(num_tokens_bucket)
-        model_fields = step_fields(num_tokens_bucket, s, self.max_pages, self.groups,
-                                   self.max_copies)
+        model_fields = step_fields(num_tokens_bucket, s, self.max_pages, self.groups)
         return PackedLayout(model_fields + self.row_layout(s).fields)
 
     def _extra_specs(self, plan: sampler.SamplerPlan) -> dict[str, jax.ShapeDtypeStruct]:
@@ -179,17 +182,26 @@ class ModelRunner:
         t0 = time.perf_counter()
         seq_buckets = sorted({self.seq_bucket(t) for t in self.token_buckets})
         keys = [("forward", v) for v in self._variants()] + [
-            ("sample", p) for p in sampler.all_plans(seq_buckets, self.max_model_len)]
+            ("sample", p) for p in sampler.all_plans(seq_buckets, self.max_model_len)] + [
+            ("copy", None)]
         lowered = [self._lower(kind, key) for kind, key in keys]
         with concurrent.futures.ThreadPoolExecutor(self._compile_workers) as pool:
             for (kind, key), exe in zip(keys, pool.map(lambda low: low.compile(), lowered)):
-                (self._forward if kind == "forward" else self._sample)[key] = exe
+                self._table(kind)[key] = exe
         self.compile_seconds = time.perf_counter() - t0
         log.info("compiled %d forward buckets and %d sampler plans in %.1f s",
                  len(self._forward), len(self._sample), self.compile_seconds)
         return self.compile_seconds
 
+    def _table(self, kind: str) -> dict:
+        return {"forward": self._forward, "sample": self._sample, "copy": self._copy}[kind]
+
     def _lower(self, kind: str, key):
+        if kind == "copy":
+            groups, types = self.groups, self.config.layer_types
+            return jax.jit(lambda kv, c: copy_pages(kv, c, types, groups), donate_argnums=(0,)
+                           ).lower(self.kv_caches, jax.ShapeDtypeStruct(
+                               (len(groups), 2, self.max_copies), jnp.int32))
         if kind == "forward":
             t, decode = key
             size = self.step_layout(t).size
@@ -202,7 +214,7 @@ class ModelRunner:
             jax.ShapeDtypeStruct((rows.size,), jnp.int32), self._extra_specs(plan))
 
     def _executable(self, kind: str, key):
-        table = self._forward if kind == "forward" else self._sample
+        table = self._table(kind)
         if key not in table:
             if self.precompile:
                 raise KeyError(f"no compiled {kind} executable for {key}: a bucket was missed")
@@ -214,17 +226,13 @@ class ModelRunner:
     def _forward_fn(self, num_tokens_bucket: int, decode_only: bool):
         graphdef, backend, groups = self.graphdef, self.backend, self.groups
         s = self.seq_bucket(num_tokens_bucket)
-        model_layout = PackedLayout(step_fields(num_tokens_bucket, s, self.max_pages, groups,
-                                                self.max_copies))
-        layer_types = self.config.layer_types
+        model_layout = PackedLayout(step_fields(num_tokens_bucket, s, self.max_pages, groups))
 
         def forward(state, kv_caches, packed, prev_tokens):
             f = model_layout.unpack(packed)
             # -(1 + r) stands for the token the previous step sampled in row r
             ids = f["token_ids"]
             ids = jnp.where(ids < 0, prev_tokens[jnp.maximum(-1 - ids, 0)], ids)
-            kv_caches = [copy_pages(kv, f[f"copy_src.{g}"], f[f"copy_dst.{g}"])
-                         for kv, g in zip(kv_caches, layer_types)]
             meta = AttentionMetadata(
                 query_start_loc=f["query_start_loc"], kv_lens=f["kv_lens"],
                 block_tables={g: f[f"block_table.{g}"] for g in groups},
@@ -280,9 +288,13 @@ class ModelRunner:
                 v[f"block_table.{g}"][i, :len(table)] = table
         v["query_start_loc"][len(sched.scheduled):] = pos
         v["logits_indices"][:len(rows)] = [last[src] for src in sources]
-        for g, copies in kv_manager.take_copies().items():
-            if copies:
-                v[f"copy_src.{g}"][:len(copies)], v[f"copy_dst.{g}"][:len(copies)] = zip(*copies)
+        copies = None
+        pending = kv_manager.take_copies()
+        if any(pending.values()):
+            copies = np.zeros((len(self.groups), 2, self.max_copies), np.int32)
+            for i, g in enumerate(self.groups):
+                if pending[g]:
+                    copies[i, :, :len(pending[g])] = np.asarray(pending[g], np.int32).T
         plan = sampler.plan_for(rows, self.seq_bucket(t), self.max_model_len)
         extra = {}
         for name, arr in sampler.host_arrays(plan, rows).items():
@@ -291,10 +303,12 @@ class ModelRunner:
             else:
                 extra[name] = arr
 
-        return PackedStep((t, decode_only), plan, buf, extra, len(rows))
+        return PackedStep((t, decode_only), plan, buf, extra, len(rows), copies)
 
     def launch(self, step: "PackedStep") -> "StepHandle":
         """Send the packed step to the device and start it; returns without waiting."""
+        if step.copies is not None:
+            self.kv_caches = self._executable("copy", None)(self.kv_caches, step.copies)
         hidden_last, row_inputs, self.kv_caches = self._executable("forward", step.bucket)(
             self.state, self.kv_caches, jax.device_put(step.buffer), self._prev_tokens)
         out, self._prev_tokens = self._executable("sample", step.plan)(
@@ -319,6 +333,7 @@ class PackedStep:
     buffer: np.ndarray
     extra: dict[str, np.ndarray]
     num_rows: int
+    copies: np.ndarray | None = None  # [groups, (src, dst), max_copies] page copies, if any
 
 
 @dataclasses.dataclass
