@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--hf", action="store_true", help="also run the HF transformers baseline")
     parser.add_argument("--hf-timeout", type=float, default=600.0, help="seconds per workload")
+    parser.add_argument("--hf-workloads", default=None, help="workloads for HF (default: all)")
     parser.add_argument("--no-contiguous", action="store_true")
     args = parser.parse_args(argv)
     specs = args.workloads.split(",")
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_model_len is None:
         args.max_model_len = max(i + o for w in workloads.values() for i, o in w) + 16
 
-    hf_rows = {s: run_hf_child(args, s) for s in specs} if args.hf else {}
+    hf_specs = args.hf_workloads.split(",") if args.hf_workloads else specs
+    hf_rows = {s: run_hf_child(args, s) for s in hf_specs} if args.hf else {}
 
     from jaxpage.benchmarks.contiguous import run_contiguous  # noqa: PLC0415 - after HF ran
 
