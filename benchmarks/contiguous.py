@@ -13,6 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxpage.benchmarks import common
 from jaxpage.generation import generate
@@ -31,9 +32,10 @@ def run_contiguous(model: Gemma, lengths: list[tuple[int, int]], prompts: list[l
     max_out = max(o for _, o in lengths)
     batch = min(batch_size_for(model.config, kv_budget_bytes, max_in + max_out), max_batch,
                 len(lengths))
-    run = jax.jit(lambda tok, lens, key: generate(
-        model, tok, key, prompt_lengths=lens, max_new_tokens=max_out, temperature=1.0,
-        page_size=16, attention_backend=backend))
+    graphdef, state = nnx.split(model)  # the weights are an argument, not baked-in constants
+    run = jax.jit(lambda state, tok, lens, key: generate(
+        (graphdef, state), tok, key, prompt_lengths=lens, max_new_tokens=max_out,
+        temperature=1.0, page_size=16, attention_backend=backend))
 
     def batch_arrays(chunk):
         tok = np.zeros((batch, max_in), np.int32)
@@ -45,12 +47,12 @@ def run_contiguous(model: Gemma, lengths: list[tuple[int, int]], prompts: list[l
 
     requests = list(zip(prompts, (o for _, o in lengths)))
     t0 = time.perf_counter()
-    jax.block_until_ready(run(*batch_arrays(requests[:batch]), jax.random.key(0)))
+    jax.block_until_ready(run(state, *batch_arrays(requests[:batch]), jax.random.key(0)))
     compile_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     for start in range(0, len(requests), batch):
-        out = run(*batch_arrays(requests[start:start + batch]), jax.random.key(start))
+        out = run(state, *batch_arrays(requests[start:start + batch]), jax.random.key(start))
     jax.block_until_ready(out)
     elapsed = time.perf_counter() - t0
     in_tokens = sum(i for i, _ in lengths)

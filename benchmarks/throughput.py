@@ -99,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     kv_bytes, backend = int(startup["kv_cache_gib"] * 2**30), llm.engine.backend
     prompts = {s: common.random_prompts(w, model.config.vocab_size, seed=2)
                for s, w in workloads.items()}
-    rows = [{"workload": s, **run_jaxpage(llm, w, prompts[s]), **startup}
-            for s, w in workloads.items()]
+    rows = []
+    for spec, lengths in workloads.items():
+        rows.append({"workload": spec, **run_jaxpage(llm, lengths, prompts[spec]), **startup})
+        print(json.dumps(rows[-1], default=float), flush=True)
     del llm  # frees the KV cache for the baseline
     gc.collect()
     for spec, lengths in workloads.items():
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"workload": spec, **run_contiguous(
                 model, lengths, prompts[spec], kv_budget_bytes=kv_bytes, backend=backend,
                 max_batch=args.max_num_seqs)})
+            print(json.dumps(rows[-1], default=float), flush=True)
         if hf_rows.get(spec):
             rows.append({"workload": spec, **hf_rows[spec]})
     for spec in specs:
