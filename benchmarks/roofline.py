@@ -12,6 +12,8 @@ requests (prefilled for real) in steady decode at --engine-batch x --engine-cont
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import sys
 import time
 
@@ -58,7 +60,8 @@ def device_step_seconds(engine, sched, reps: int = 30) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def engine_step_seconds(engine, batch: int, context: int, steps: int = 40) -> float:
+def engine_step_seconds(engine, batch: int, context: int, steps: int = 40,
+                        profile: bool = False) -> float:
     """Mean engine.step() time in steady decode of `batch` real requests at ~`context`."""
     from jaxpage.engine import OutputKind  # noqa: PLC0415
     from jaxpage.sampling_params import SamplingParams  # noqa: PLC0415
@@ -71,10 +74,16 @@ def engine_step_seconds(engine, batch: int, context: int, steps: int = 40) -> fl
             output_kind=OutputKind.FINAL_ONLY)
     while any(s.num_output_tokens < 3 for r in engine.requests.values() for s in r.sequences):
         engine.step()  # prefill, then a few decode steps
+    profiler = cProfile.Profile() if profile else None
     t0 = time.perf_counter()
+    if profiler:
+        profiler.enable()
     for _ in range(steps):
         engine.step()
     elapsed = (time.perf_counter() - t0) / steps
+    if profiler:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
     while engine.has_unfinished_requests():
         engine.step()
     return elapsed
@@ -89,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-context", type=int, default=2048)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--profile-host", action="store_true",
+                        help="print where the host spends the engine's steady decode steps")
     parser.add_argument("--bandwidth-mib", type=int, default=4096,
                         help="size of the copy that measures HBM bandwidth")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -128,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     device = next(r for r in rows if r["batch"] == args.engine_batch
                   and r["context"] == args.engine_context and "step_ms" in r)
     step_memory = _step_memory(engine, args.engine_batch)
-    engine_s = engine_step_seconds(engine, args.engine_batch, args.engine_context)
+    engine_s = engine_step_seconds(engine, args.engine_batch, args.engine_context,
+                                   profile=args.profile_host)
     overhead = {"batch": args.engine_batch, "context": args.engine_context,
                 "engine_step_ms": engine_s * 1e3, "device_step_ms": device["step_ms"],
                 "host_overhead_ms": engine_s * 1e3 - device["step_ms"],

@@ -27,7 +27,7 @@ from flax import nnx
 from jaxpage import sampler
 from jaxpage.attention import AttentionMetadata
 from jaxpage.kv_cache import init_kv_cache
-from jaxpage.models.gemma import Gemma
+from jaxpage.models.gemma import Gemma, output_logits
 from jaxpage.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ class ModelRunner:
         self.config = model.config
         self.act_dtype = model.embedder.embedding.get_value().dtype
         self.graphdef, self.state = nnx.split(model)
+        self._embedding = model.embedder.embedding.get_value()  # what the sampler step reads
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
@@ -210,7 +211,8 @@ class ModelRunner:
                 jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32))
         plan, rows = key, self.row_layout(key.num_rows)
         return jax.jit(self._sample_fn(plan)).lower(
-            self.state, jax.ShapeDtypeStruct((plan.num_rows, self.config.d_model), self.act_dtype),
+            self._embedding,
+            jax.ShapeDtypeStruct((plan.num_rows, self.config.d_model), self.act_dtype),
             jax.ShapeDtypeStruct((rows.size,), jnp.int32), self._extra_specs(plan))
 
     def _executable(self, kind: str, key):
@@ -245,12 +247,12 @@ class ModelRunner:
         return forward
 
     def _sample_fn(self, plan: sampler.SamplerPlan):
-        graphdef, rows_layout = self.graphdef, self.row_layout(plan.num_rows)
+        rows_layout, softcap = self.row_layout(plan.num_rows), self.config.final_logit_softcap
         pad = self.max_num_seqs - plan.num_rows
 
-        def sample(state, hidden_last, rows, extra):
+        def sample(embedding, hidden_last, rows, extra):  # only the weights it reads
             arrays = rows_layout.unpack(rows) | dict(extra)
-            logits = nnx.merge(graphdef, state).logits(hidden_last)
+            logits = output_logits(embedding, hidden_last, softcap)
             out = sampler.sample(logits, arrays, plan)
             return out, jnp.pad(out.token_ids, (0, pad))  # the next step's prev_tokens
 
@@ -312,7 +314,7 @@ class ModelRunner:
         hidden_last, row_inputs, self.kv_caches = self._executable("forward", step.bucket)(
             self.state, self.kv_caches, jax.device_put(step.buffer), self._prev_tokens)
         out, self._prev_tokens = self._executable("sample", step.plan)(
-            self.state, hidden_last, row_inputs, jax.device_put(step.extra))
+            self._embedding, hidden_last, row_inputs, jax.device_put(step.extra))
         return StepHandle(out, step.num_rows, step.plan.num_logprobs > 0)
 
     def collect(self, handle: "StepHandle") -> StepResult:

@@ -92,6 +92,10 @@ class Gemma(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[N, d] hidden states -> [N, vocab] fp32 logits, final soft-cap applied."""
-        logits = self.embedder.decode(hidden)
-        cap = self.config.final_logit_softcap
-        return logits if cap is None else cap * jnp.tanh(logits / cap)
+        return output_logits(self.embedder.embedding[...], hidden, self.config.final_logit_softcap)
+
+
+def output_logits(embedding: jax.Array, hidden: jax.Array, softcap: float | None) -> jax.Array:
+    """Tied output projection: [N, d] hidden -> [N, vocab] fp32 logits, then the final soft-cap."""
+    logits = jnp.einsum("nd,vd->nv", hidden, embedding, preferred_element_type=jnp.float32)
+    return logits if softcap is None else softcap * jnp.tanh(logits / softcap)

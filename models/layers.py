@@ -24,9 +24,6 @@ class Embedder(nnx.Module):
         x = jnp.take(table, token_ids, axis=0)
         return x * jnp.sqrt(jnp.float32(self.d_model)).astype(table.dtype)
 
-    def decode(self, x: jax.Array) -> jax.Array:
-        """[N, d] hidden states -> [N, vocab] fp32 logits."""
-        return jnp.einsum("nd,vd->nv", x, self.embedding[...], preferred_element_type=jnp.float32)
 
 
 class RMSNorm(nnx.Module):
