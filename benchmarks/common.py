@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -126,3 +127,20 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}"
     return "-" if v is None else str(v)
+
+
+@contextlib.contextmanager
+def figure(path, **subplots):
+    """`with figure(path) as (fig, ax):` draw; the PNG is written and the figure closed after."""
+    import matplotlib  # noqa: PLC0415 - plotting only when asked
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(**subplots)
+    try:
+        yield fig, ax
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)

@@ -28,43 +28,16 @@ import traceback
 import numpy as np
 import torch
 import transformers
-from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import Gemma2ForCausalLM, Gemma3ForCausalLM
 
+from jaxpage.convert_hf import to_hf_config
 from jaxpage.models.config import GemmaConfig, get_config
 
-_HF_LAYER_TYPE = {"local": "sliding_attention", "global": "full_attention"}
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 FIRST_PROMPT_ID = 10  # random prompt ids start here: clear of pad, eos, bos and unk
 
-
-def _rope(base: float, scale: float) -> dict:
-    if scale == 1.0:
-        return {"rope_type": "default", "rope_theta": base}
-    return {"rope_type": "linear", "factor": scale, "rope_theta": base}
-
-
-def hf_config(c: GemmaConfig) -> Gemma2Config | Gemma3TextConfig:
-    """The transformers config of the architecture `c` describes."""
-    common = dict(
-        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffw_hidden,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
-        max_position_embeddings=c.max_context, rms_norm_eps=c.rms_norm_eps,
-        query_pre_attn_scalar=c.query_pre_attn_scalar, sliding_window=c.sliding_window,
-        layer_types=[_HF_LAYER_TYPE[t] for t in c.layer_types],
-        attn_logit_softcapping=c.attn_logit_softcap, final_logit_softcapping=c.final_logit_softcap,
-        bos_token_id=c.bos_id, eos_token_id=list(c.eos_ids), pad_token_id=c.pad_id,
-        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
-    )
-    if c.family == "gemma2":
-        if (c.rope_local_base, c.rope_local_scale) != (c.rope_global_base, c.rope_global_scale):
-            raise ValueError(f"{c.name}: Gemma 2 in transformers has one RoPE for every layer")
-        return Gemma2Config(**common,
-                            rope_parameters=_rope(c.rope_global_base, c.rope_global_scale))
-    return Gemma3TextConfig(**common, rope_parameters={
-        "full_attention": _rope(c.rope_global_base, c.rope_global_scale),
-        "sliding_attention": _rope(c.rope_local_base, c.rope_local_scale)})
+hf_config = to_hf_config
 
 
 def hf_model(config: GemmaConfig, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", *,

@@ -29,7 +29,6 @@ import numpy as np
 from jaxpage.attention import AttentionMetadata, write_kv
 from jaxpage.pallas_kernels import gpu, reference
 from jaxpage.pallas_kernels import gpu_common as gc
-from jaxpage.pallas_kernels.gpu_decode import DecodeConfig
 from jaxpage.pallas_kernels.gpu_prefill import PrefillConfig
 
 DECODE_SIZES = ((8, 1024), (64, 2048), (128, 4096))

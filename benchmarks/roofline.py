@@ -171,24 +171,16 @@ def _step_memory(engine, batch: int) -> dict:
 
 
 def _plot(rows, contexts, path) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for c in contexts:
-        pts = [(r["batch"], r["MBU"]) for r in rows if r["context"] == c and "MBU" in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=f"context {c}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch")
-    ax.set_ylabel("MBU")
-    ax.axhline(0.75, ls="--", c="grey")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with common.figure(path, figsize=(6, 4)) as (_, ax):
+        for c in contexts:
+            pts = [(r["batch"], r["MBU"]) for r in rows if r["context"] == c and "MBU" in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"context {c}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_ylabel("MBU")
+        ax.axhline(0.75, ls="--", c="grey")
+        ax.legend()
 
 
 if __name__ == "__main__":

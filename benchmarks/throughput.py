@@ -128,25 +128,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plot(rows, path) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
     specs = list(dict.fromkeys(r["workload"] for r in rows))
     systems = list(dict.fromkeys(r["system"] for r in rows))
-    fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(systems)
-    for k, system in enumerate(systems):
-        vals = [next((r["output_tokens_per_s"] for r in rows
-                      if r["workload"] == s and r["system"] == system), 0) for s in specs]
-        ax.bar([i + k * width for i in range(len(specs))], vals, width, label=system)
-    ax.set_xticks([i + width * (len(systems) - 1) / 2 for i in range(len(specs))], specs)
-    ax.set_ylabel("output tokens / s")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with common.figure(path, figsize=(7, 4)) as (_, ax):
+        for k, system in enumerate(systems):
+            vals = [next((r["output_tokens_per_s"] for r in rows
+                          if r["workload"] == s and r["system"] == system), 0) for s in specs]
+            ax.bar([i + k * width for i in range(len(specs))], vals, width, label=system)
+        ax.set_xticks([i + width * (len(systems) - 1) / 2 for i in range(len(specs))], specs)
+        ax.set_ylabel("output tokens / s")
+        ax.legend()
 
 
 if __name__ == "__main__":

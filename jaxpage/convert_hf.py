@@ -370,3 +370,39 @@ def convert_hf(src: Path, builder_for: Callable[[GemmaConfig], ParamBuilder], *,
                 raise ConversionError(f"{file.name}: tensor {key} differs from the input "
                                       "embedding; untied output embeddings are not supported")
     return config, builder.params
+
+
+# -- the other direction (tests and the HF baseline benchmark build HF models of our configs) -----
+
+_HF_LAYER_TYPE = {LOCAL: "sliding_attention", GLOBAL: "full_attention"}
+
+
+def _hf_rope(base: float, scale: float) -> dict:
+    if scale == 1.0:
+        return {"rope_type": "default", "rope_theta": base}
+    return {"rope_type": "linear", "factor": scale, "rope_theta": base}
+
+
+def to_hf_config(c: GemmaConfig):
+    """The transformers Gemma2Config / Gemma3TextConfig of the architecture `c` describes."""
+    from transformers import Gemma2Config, Gemma3TextConfig  # noqa: PLC0415 - test/bench only
+
+    common = dict(
+        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffw_hidden,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
+        max_position_embeddings=c.max_context, rms_norm_eps=c.rms_norm_eps,
+        query_pre_attn_scalar=c.query_pre_attn_scalar, sliding_window=c.sliding_window,
+        layer_types=[_HF_LAYER_TYPE[t] for t in c.layer_types],
+        attn_logit_softcapping=c.attn_logit_softcap, final_logit_softcapping=c.final_logit_softcap,
+        bos_token_id=c.bos_id, eos_token_id=list(c.eos_ids), pad_token_id=c.pad_id,
+        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+    )
+    if c.family == "gemma2":
+        if (c.rope_local_base, c.rope_local_scale) != (c.rope_global_base, c.rope_global_scale):
+            raise ValueError(f"{c.name}: Gemma 2 in transformers has one RoPE for every layer")
+        return Gemma2Config(**common,
+                            rope_parameters=_hf_rope(c.rope_global_base, c.rope_global_scale))
+    return Gemma3TextConfig(**common, rope_parameters={
+        "full_attention": _hf_rope(c.rope_global_base, c.rope_global_scale),
+        "sliding_attention": _hf_rope(c.rope_local_base, c.rope_local_scale)})

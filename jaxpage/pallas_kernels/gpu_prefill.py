@@ -76,7 +76,6 @@ def _prefill_kernel(sched_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *, p: gc.Attn
     tile, kv_head = pl.program_id(0), pl.program_id(1)
     seq, row0, nrows = sched_ref[0, tile], sched_ref[1, tile], sched_ref[2, tile]
     qpos0, kv_len = sched_ref[3, tile], sched_ref[4, tile]
-    block_q = cfg.block_m // p.group_pad
 
     m_idx = jnp.arange(cfg.block_m, dtype=jnp.int32)
     r, g = m_idx // p.group_pad, m_idx % p.group_pad
