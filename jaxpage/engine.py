@@ -17,13 +17,12 @@ import logging
 import random
 import time
 
-import jax
 import jax.numpy as jnp
 
 from jaxpage import beam_search, compat, sampler
 from jaxpage.attention import resolve_backend
 from jaxpage.config import EngineConfig
-from jaxpage.kv_cache import plan_num_pages
+from jaxpage.kv_cache import free_kv_bytes, plan_num_pages
 from jaxpage.models.gemma import Gemma
 from jaxpage.outputs import CompletionOutput, RequestOutput
 from jaxpage.paging import GroupUsage, KVCacheManager
@@ -95,7 +94,12 @@ class LLMEngine:
                                  self.model_config.max_context)
         kv_dtype = jnp.dtype(self.config.kv_cache_dtype or model.embedder.embedding.get_value().dtype)
         num_pages = plan_num_pages(
-            self.model_config, page_size=self.config.page_size, kv_bytes=self._free_kv_bytes(model),
+            self.model_config, page_size=self.config.page_size,
+            kv_bytes=None if self.config.num_pages else free_kv_bytes(
+                self.model_config, act_dtype=model.embedder.embedding.get_value().dtype,
+                max_num_seqs=self.config.max_num_seqs,
+                max_num_batched_tokens=self.config.max_num_batched_tokens,
+                memory_utilization=self.config.gpu_memory_utilization),
             num_pages=self.config.num_pages, max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             max_model_len=self.max_model_len, dtype=kv_dtype)
@@ -142,6 +146,8 @@ class LLMEngine:
             params = dataclasses.replace(params, max_tokens=max_tokens)
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer; this engine has none", "stop")
+        if params.prompt_logprobs is not None:
+            raise RequestError("prompt_logprobs is not supported", "prompt_logprobs")
         if params.use_beam_search and params.stop:
             raise RequestError("stop strings are not supported with beam search", "stop")
         banned = set(params.stop_token_ids) | set(self._eos_ids())
@@ -507,20 +513,3 @@ class LLMEngine:
         if self.tokenizer is not None:
             eos.add(self.tokenizer.eos_id)
         return tuple(sorted(eos))
-
-    def _free_kv_bytes(self, model: Gemma) -> int | None:
-        """Device memory left for the KV cache after weights and a reserve for activations."""
-        if self.config.num_pages is not None:
-            return None
-        stats = jax.local_devices()[0].memory_stats() or {}
-        limit = stats.get("bytes_limit")
-        if not limit:
-            return 512 << 20  # host platforms report no limit: a modest default
-        c = self.model_config
-        tokens = self.config.max_num_batched_tokens
-        act_bytes = jnp.dtype(model.embedder.embedding.get_value().dtype).itemsize
-        activations = 4 * tokens * (2 * c.d_model + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-                                    + 3 * c.ffw_hidden) * act_bytes
-        logits = 3 * self.config.max_num_seqs * c.vocab_size * 4
-        reserve = activations + logits + (512 << 20)
-        return int(limit * self.config.gpu_memory_utilization) - stats.get("bytes_in_use", 0) - reserve

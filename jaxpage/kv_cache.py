@@ -71,3 +71,20 @@ def plan_num_pages(config: GemmaConfig, *, page_size: int, kv_bytes: int | None,
         return {"global": max(2, shared), "local": max(2, shared)}
     local = bound + 1
     return {"global": max(2, (kv_bytes - local * pb["local"]) // pb["global"]), "local": local}
+
+
+def free_kv_bytes(config: GemmaConfig, *, act_dtype, max_num_seqs: int, max_num_batched_tokens: int,
+                  memory_utilization: float) -> int:
+    """Device memory the KV cache may take: the allowed share of the device, less what is in use
+    (weights) and a reserve for one step's activations and logits."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if not limit:
+        return 512 << 20  # host platforms report no limit: a modest default
+    c = config
+    act = jnp.dtype(act_dtype).itemsize
+    activations = 4 * max_num_batched_tokens * act * (
+        2 * c.d_model + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + 3 * c.ffw_hidden)
+    logits = 3 * max_num_seqs * c.vocab_size * 4
+    reserve = activations + logits + (512 << 20)
+    return int(limit * memory_utilization) - stats.get("bytes_in_use", 0) - reserve
