@@ -40,6 +40,20 @@ def test_outputs_unchanged_with_a_token_budget_of_16_chunking_prefills(family, a
     assert run_all(engine, REQUESTS) == alone[family]
 
 
+SHORT_REQUESTS = random_requests(seed=4, n=20, max_prompt=24, max_output=6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
+def test_outputs_unchanged_through_each_pallas_kernel(family, backend):
+    """The Pallas kernels (interpret mode on this host) inside the batched engine give every
+    request what the XLA reference gives it alone -- the whole model through each kernel."""
+    alone = run_alone(make_engine(family, page_size=8), SHORT_REQUESTS)
+    engine = make_engine(family, attention_backend=backend, page_size=8, num_pages=64)
+    assert engine.backend == backend
+    assert run_all(engine, SHORT_REQUESTS) == alone
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_seeded_sampling_is_reproducible_whatever_else_is_batched(family):
     def params_for(i):
