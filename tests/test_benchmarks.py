@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jaxpage.benchmarks import coldstart, latency, long_context, roofline, throughput
+from jaxpage.benchmarks import coldstart, latency, long_context, roofline, sharing, throughput
 
 
 @pytest.fixture(autouse=True)
@@ -59,3 +59,17 @@ def test_cold_start_is_faster_with_a_warm_compilation_cache(results_dir, tmp_pat
                     "--max-num-seqs", "4", "--max-num-batched-tokens", "16"])
     cold, warm = result(results_dir, "coldstart-gemma3-tiny")["rows"]
     assert warm["compile_s"] < cold["compile_s"]
+
+
+def test_sharing_reports_prefix_hits_and_memory_saved_by_forks(results_dir):
+    sharing.main(["--model", "gemma2-tiny", "--dtype", "float32", "--num-requests", "8",
+                  "--shot-tokens", "20", "--question-tokens", "6", "--output-tokens", "4",
+                  "--sample-requests", "2", "--sample-prompt", "40", "--sample-output", "12",
+                  "--widths", "2,4", "--max-num-seqs", "8", "--max-num-batched-tokens", "64"])
+    out = result(results_dir, "sharing-gemma2-tiny")
+    cached = {(r["shots"], r["prefix_caching"]): r["cached_prompt_tokens"] for r in out["prefix"]}
+    assert cached[(1, True)] > 0 and cached[(5, True)] > cached[(1, True)]
+    assert cached[(1, False)] == cached[(5, False)] == 0
+    saved = {(r["mode"], r["width"]): r["memory_saved"] for r in out["memory"]}
+    assert all(0 < v < 1 for v in saved.values())
+    assert saved[("parallel sampling", 4)] > saved[("parallel sampling", 2)]
