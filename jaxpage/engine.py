@@ -318,7 +318,8 @@ class LLMEngine:
             params = self._beam_params(seq.request)
         return sampler.RowSpec(params=params, seed=seq.seed, step_index=seq.num_output_tokens,
                                prompt_token_ids=seq.request.prompt_token_ids,
-                               output_token_ids=seq.output_token_ids,
+                               output_token_ids=(seq.output_token_ids  # O(len): only if read
+                                                 if _needs_history(params) else ()),
                                eos_token_ids=() if params.ignore_eos else seq.request.eos_token_ids)
 
     @staticmethod

@@ -120,13 +120,10 @@ def _banned_ids(row: RowSpec) -> list[int]:
 def _token_lists(row: RowSpec) -> tuple[list[int], list[int], list[int]]:
     """(prompt, output, banned) token lists the row's penalties and bans need on the device."""
     p = row.params
-    output = list(row.output_token_ids)
-    if p.repetition_penalty != 1.0:
-        prompt = list(row.prompt_token_ids)
-    else:
-        prompt = []
-        if p.presence_penalty == 0.0 and p.frequency_penalty == 0.0:
-            output = []
+    prompt = list(row.prompt_token_ids) if p.repetition_penalty != 1.0 else []
+    uses_output = (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                   or p.frequency_penalty != 0.0)
+    output = list(row.output_token_ids) if uses_output else []  # copied only when read
     return prompt, output, _banned_ids(row)
 
 
