@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from jaxpage.benchmarks import common
+from jaxpage.benchmarks import common, device_profile
 
 
 def synthetic_decode(engine, batch: int, context: int, seed: int = 0):
@@ -47,10 +47,14 @@ def synthetic_decode(engine, batch: int, context: int, seed: int = 0):
     return SchedulerOutput(scheduled, [])
 
 
-def device_step_seconds(engine, sched, reps: int = 30) -> float:
-    """Median-free mean over back-to-back launches of one packed decode step."""
+def pack_decode(engine, sched):
     rows = [engine._row_spec(item.seq) for item in sched.scheduled]
-    packed = engine.runner.pack(sched, rows, list(range(len(rows))), engine.kv)
+    return engine.runner.pack(sched, rows, list(range(len(rows))), engine.kv)
+
+
+def device_step_seconds(engine, sched, reps: int = 30) -> float:
+    """Mean over back-to-back launches of one packed decode step."""
+    packed = pack_decode(engine, sched)
     for _ in range(3):  # compile (first use) and warm up
         engine.runner.collect(engine.runner.launch(packed))
     t0 = time.perf_counter()
@@ -100,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--profile-host", action="store_true",
                         help="print where the host spends the engine's steady decode steps")
+    parser.add_argument("--profile-device", action="store_true",
+                        help="trace the decode step at --engine-batch x --engine-context and "
+                             "print its kernels and idle gaps")
     parser.add_argument("--bandwidth-mib", type=int, default=4096,
                         help="size of the copy that measures HBM bandwidth")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -139,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     device = next(r for r in rows if r["batch"] == args.engine_batch
                   and r["context"] == args.engine_context and "step_ms" in r)
     step_memory = _step_memory(engine, args.engine_batch)
+    profile = None
+    if args.profile_device:
+        sched = synthetic_decode(engine, args.engine_batch, args.engine_context)
+        packed = pack_decode(engine, sched)
+        profile = device_profile.trace_steps(lambda: engine.runner.launch(packed).output)
+        for item in sched.scheduled:
+            engine.kv.free(item.seq.seq_id)
     engine_s = engine_step_seconds(engine, args.engine_batch, args.engine_context,
                                    profile=args.profile_host)
     overhead = {"batch": args.engine_batch, "context": args.engine_context,
@@ -151,9 +165,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{weights / 1e9:.2f} GB")
     common.print_table([overhead], list(overhead))
     print("decode step executable memory (GiB):", step_memory)
+    if profile is not None:
+        device_profile.print_summary(profile)
     common.save_results(f"roofline-{args.model}", {
         "model": args.model, "hbm_bandwidth_TBps": bandwidth / 1e12, "weight_GB": weights / 1e9,
-        "rows": rows, "host_overhead": overhead, "decode_step_memory": step_memory},
+        "rows": rows, "host_overhead": overhead, "decode_step_memory": step_memory,
+        "device_profile": profile},
         plot=lambda p: _plot(rows, contexts, p))
     return 0
 
