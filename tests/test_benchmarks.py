@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jaxpage.benchmarks import coldstart, latency, long_context, roofline, sharing, throughput
+from jaxpage.benchmarks import coldstart, device_profile, latency, long_context, roofline, sharing, throughput
 
 
 @pytest.fixture(autouse=True)
@@ -31,10 +31,26 @@ def test_throughput_compares_jaxpage_with_the_contiguous_baseline(results_dir):
 def test_roofline_reports_mbu_and_host_overhead(results_dir):
     roofline.main(["--model", "gemma3-tiny", "--batches", "1,4", "--contexts", "24",
                    "--engine-batch", "4", "--engine-context", "24", "--bandwidth-mib", "16",
-                   "--dtype", "float32"])
+                   "--dtype", "float32", "--profile-device"])
     out = result(results_dir, "roofline-gemma3-tiny")
     assert len(out["rows"]) == 2 and all(0 < r["MBU"] for r in out["rows"])
     assert out["host_overhead"]["engine_step_ms"] > 0
+    assert "no device events" in out["device_profile"]["note"]  # the CPU has no device streams
+
+
+def test_device_profile_separates_busy_time_from_idle_gaps():
+    # two steps: a 10 us gemm, 2 us idle, a 5 us fusion overlapping a 3 us Pallas kernel
+    step = [(0, 10_000, "sm90_xmma_gemm"), (12_000, 5_000, "loop_add_fusion"),
+            (13_000, 3_000, "jaxpage_decode_bk32_s3")]
+    events = step + [(s + 20_000, d, n) for s, d, n in step]
+    summary = device_profile.summarize(events, reps=2)
+    assert summary["span_us_per_step"] == 18.5  # 0 .. 37 us over two steps
+    assert summary["busy_us_per_step"] == 15.0
+    assert summary["idle_us_per_step"] == 3.5
+    assert summary["events_per_step"] == 3
+    assert summary["by_kind"]["matmul"] == {"count": 1, "us": 10.0}
+    assert summary["by_kind"]["jaxpage Pallas kernels"]["us"] == 3.0
+    assert summary["top_kernels"][0]["name"] == "sm90_xmma_gemm"
 
 
 def test_latency_reports_ttft_and_step_time(results_dir):

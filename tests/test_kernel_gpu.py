@@ -145,6 +145,52 @@ def test_write_kernel_matches_the_xla_write_kv(path):
         np.testing.assert_array_equal(np.asarray(g)[:, 1:], np.asarray(w)[:, 1:])
 
 
+def _loops_outside_kernels(jaxpr) -> list[str]:
+    """Loop primitives (while, scan: both lower to an HLO while) in a jaxpr and its sub-jaxprs,
+    not looking inside kernels."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            continue
+        if eqn.primitive.name in ("while", "scan"):
+            found.append(str(eqn.primitive))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    found += _loops_outside_kernels(sub)
+    return found
+
+
+@pytest.mark.parametrize("config_name", ["gemma2-tiny", "gemma3-tiny"])
+def test_a_step_needs_no_device_loop_outside_the_kernels(config_name):
+    # XLA:GPU evaluates a while loop's condition on the host, which would make each step's
+    # launch wait for the step before it: model steps and samplers must be loop-free.
+    from flax import nnx  # noqa: PLC0415 - model-level check only
+
+    from jaxpage import sampler  # noqa: PLC0415
+    from jaxpage.models.config import get_config  # noqa: PLC0415
+    from jaxpage.models.gemma import Gemma  # noqa: PLC0415
+    from jaxpage.runner import ModelRunner  # noqa: PLC0415
+
+    model = Gemma(get_config(config_name), dtype=jnp.float32, rngs=nnx.Rngs(0))
+    runner = ModelRunner(model, num_pages={g: 32 for g in model.config.layer_groups},
+                         page_size=4, max_num_seqs=8, max_num_batched_tokens=32,
+                         max_model_len=64, backend="pallas_gpu", kv_dtype=jnp.float32,
+                         precompile=False)
+    for bucket in [(8, True), (32, False)]:  # a pure-decode and a mixed prefill bucket
+        jaxpr = jax.make_jaxpr(runner._forward_fn(*bucket))(
+            runner.state, runner.kv_caches, jnp.zeros(runner.step_layout(bucket[0]).size, jnp.int32),
+            jnp.zeros(8, jnp.int32))
+        assert _loops_outside_kernels(jaxpr.jaxpr) == [], bucket
+    rows = runner.row_layout(8)
+    for plan in sampler.all_plans([8], 64):
+        jaxpr = jax.make_jaxpr(runner._sample_fn(plan))(
+            runner._embedding, jnp.zeros((8, model.config.d_model)), jnp.zeros(rows.size, jnp.int32),
+            {k: jnp.zeros(v.shape, v.dtype) for k, v in runner._extra_specs(plan).items()})
+        assert _loops_outside_kernels(jaxpr.jaxpr) == [], plan
+
+
 def _model_steps(config_name: str, backend: str, decode_steps: int = 3) -> np.ndarray:
     """Logits of a tiny model: one mixed prefill step (2 prompts + padding rows), then decodes."""
     from flax import nnx  # noqa: PLC0415 - model-level check only

@@ -61,7 +61,8 @@ def tile_schedule(query_start_loc: jax.Array, kv_lens: jax.Array, num_tokens: in
     tiles = (seg_len + block_q - 1) // block_q
     tile_end = jnp.cumsum(tiles)
     i = jnp.arange(bound, dtype=jnp.int32)
-    seg = jnp.minimum(jnp.searchsorted(tile_end, i, side="right"), num_seqs).astype(jnp.int32)
+    seg = jnp.searchsorted(tile_end, i, side="right", method="compare_all")  # no device loop
+    seg = jnp.minimum(seg, num_seqs).astype(jnp.int32)
     local = i - (tile_end[seg] - tiles[seg])
     nrows = jnp.where(i < tile_end[-1], jnp.clip(seg_len[seg] - local * block_q, 0, block_q), 0)
     row0 = query_start_loc[seg] + local * block_q

@@ -29,7 +29,10 @@ _CHUNK_ELEMENTS = 1 << 26
 def token_seq_ids(query_start_loc: jax.Array, num_tokens: int) -> tuple[jax.Array, jax.Array]:
     """Sequence index of every packed token, and whether the token is real (not padding)."""
     t = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.searchsorted(query_start_loc[1:], t, side="right").astype(jnp.int32)
+    # compare_all: no device loop (XLA:GPU runs a while loop's condition on the host, which
+    # would make every step wait for the one before it)
+    seq = jnp.searchsorted(query_start_loc[1:], t, side="right", method="compare_all")
+    seq = seq.astype(jnp.int32)
     valid = t < query_start_loc[-1]
     num_seqs = query_start_loc.shape[0] - 1
     return jnp.minimum(seq, num_seqs - 1), valid
