@@ -17,6 +17,7 @@ import pstats
 import sys
 import time
 
+import jax
 import numpy as np
 
 from jaxpage.benchmarks import common, device_profile
@@ -66,31 +67,63 @@ def device_step_seconds(engine, sched, reps: int = 30) -> float:
 
 def engine_step_seconds(engine, batch: int, context: int, steps: int = 40,
                         profile: bool = False) -> float:
-    """Mean engine.step() time in steady decode of `batch` real requests at ~`context`."""
+    """Mean engine.step() time in steady decode of `batch` real requests at ~`context`; with
+    `profile`, a further `steps` steps run under cProfile (not timed) and the top is printed."""
     from jaxpage.engine import OutputKind  # noqa: PLC0415
     from jaxpage.sampling_params import SamplingParams  # noqa: PLC0415
 
     rng = np.random.default_rng(1)
-    params = SamplingParams(temperature=1.0, max_tokens=steps + 20, ignore_eos=True)
+    params = SamplingParams(temperature=1.0, max_tokens=2 * steps + 20, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"e{i}", prompt_token_ids=rng.integers(
             10, engine.model_config.vocab_size, size=context).tolist(), params=params,
             output_kind=OutputKind.FINAL_ONLY)
     while any(s.num_output_tokens < 3 for r in engine.requests.values() for s in r.sequences):
         engine.step()  # prefill, then a few decode steps
-    profiler = cProfile.Profile() if profile else None
     t0 = time.perf_counter()
-    if profiler:
-        profiler.enable()
     for _ in range(steps):
         engine.step()
     elapsed = (time.perf_counter() - t0) / steps
-    if profiler:
+    if profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(steps):
+            engine.step()
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
     while engine.has_unfinished_requests():
         engine.step()
     return elapsed
+
+
+def launch_costs(engine, sched, reps: int = 20) -> dict:
+    """Host milliseconds of the parts of one decode step's launch, each call made with the
+    device idle (median of `reps`)."""
+    runner = engine.runner
+    packed = pack_decode(engine, sched)
+    forward = runner._executable("forward", packed.bucket)
+    sample = runner._executable("sample", packed.plan)
+
+    def host_ms(call) -> float:
+        times = []
+        for _ in range(reps):
+            jax.block_until_ready(runner.kv_caches)
+            t0 = time.perf_counter()
+            out = call()
+            times.append(time.perf_counter() - t0)
+            jax.block_until_ready(out)
+        return float(np.median(times)) * 1e3
+
+    def run_forward():
+        out = forward(runner._state_leaves, runner.kv_caches, packed.buffer, runner._prev_tokens)
+        runner.kv_caches = out[2]
+        return out
+
+    hidden, rows, _ = run_forward()
+    return {"pack_ms": host_ms(lambda: pack_decode(engine, sched) and None),
+            "forward_call_ms": host_ms(run_forward),
+            "sample_call_ms": host_ms(lambda: sample(runner._embedding, hidden, rows, packed.extra)),
+            "launch_ms": host_ms(lambda: runner.launch(packed).output)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         sched = synthetic_decode(engine, args.engine_batch, args.engine_context)
         packed = pack_decode(engine, sched)
         profile = device_profile.trace_steps(lambda: engine.runner.launch(packed).output)
+        profile["host_launch"] = launch_costs(engine, sched)
         for item in sched.scheduled:
             engine.kv.free(item.seq.seq_id)
     engine_s = engine_step_seconds(engine, args.engine_batch, args.engine_context,
@@ -167,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     print("decode step executable memory (GiB):", step_memory)
     if profile is not None:
         device_profile.print_summary(profile)
+        print("host launch costs (ms, device idle):", profile.get("host_launch"))
     common.save_results(f"roofline-{args.model}", {
         "model": args.model, "hbm_bandwidth_TBps": bandwidth / 1e12, "weight_GB": weights / 1e9,
         "rows": rows, "host_overhead": overhead, "decode_step_memory": step_memory,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import time
 from typing import Sequence as Seq
@@ -51,21 +52,23 @@ class PackedLayout:
 
     fields: tuple[Field, ...]
 
+    @functools.cached_property
     def offsets(self) -> dict[str, tuple[int, tuple[int, ...], str]]:
+        """name -> (start, shape, dtype) in the flat buffer."""
         out, pos = {}, 0
         for name, shape, dtype in self.fields:
             out[name] = (pos, shape, dtype)
             pos += int(np.prod(shape))
         return out
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
         return sum(int(np.prod(shape)) for _, shape, _ in self.fields)
 
     def unpack(self, packed: jax.Array) -> dict[str, jax.Array]:
         """Device side: static slices of the buffer, float fields bit-cast back."""
         out = {}
-        for name, (start, shape, dtype) in self.offsets().items():
+        for name, (start, shape, dtype) in self.offsets.items():
             x = jax.lax.slice(packed, (start,), (start + int(np.prod(shape)),)).reshape(shape)
             out[name] = x if dtype == "int32" else jax.lax.bitcast_convert_type(x, jnp.dtype(dtype))
         return out
@@ -74,7 +77,7 @@ class PackedLayout:
         """Host side: a zeroed buffer and writable views of every field into it."""
         buf = np.zeros(self.size, np.int32)
         views = {}
-        for name, (start, shape, dtype) in self.offsets().items():
+        for name, (start, shape, dtype) in self.offsets.items():
             view = buf[start:start + int(np.prod(shape))].reshape(shape)
             views[name] = view if dtype == "int32" else view.view(np.dtype(dtype))
         return buf, views
@@ -121,7 +124,9 @@ class ModelRunner:
                  precompile: bool = True, max_copies: int = 16):
         self.config = model.config
         self.act_dtype = model.embedder.embedding.get_value().dtype
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        # the executables take the state's leaves: one flat list is flattened fastest per call
+        self._state_leaves, self._state_def = jax.tree.flatten(state)
         self._embedding = model.embedder.embedding.get_value()  # what the sampler step reads
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
@@ -152,6 +157,7 @@ class ModelRunner:
         raise ValueError(f"step of {num_tokens} tokens exceeds the largest bucket "
                          f"{self.token_buckets[-1]}")
 
+    @functools.cache
     def row_layout(self, num_rows: int) -> PackedLayout:
         """Per-row sampler inputs whose size does not depend on the plan."""
         plan = sampler.SamplerPlan(num_rows=num_rows, num_logprobs=0, filtering=False,
@@ -159,6 +165,7 @@ class ModelRunner:
         return PackedLayout(tuple((n, tuple(shape), np.dtype(dt).name)
                                   for n, shape, dt in sampler.array_specs(plan)))
 
+    @functools.cache
     def step_layout(self, num_tokens_bucket: int) -> PackedLayout:
         """The step buffer: model inputs, then the sampler's per-row inputs."""
         s = self.seq_bucket(num_tokens_bucket)
@@ -207,7 +214,7 @@ class ModelRunner:
             t, decode = key
             size = self.step_layout(t).size
             return jax.jit(self._forward_fn(t, decode), donate_argnums=(1,)).lower(
-                self.state, self.kv_caches, jax.ShapeDtypeStruct((size,), jnp.int32),
+                self._state_leaves, self.kv_caches, jax.ShapeDtypeStruct((size,), jnp.int32),
                 jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32))
         plan, rows = key, self.row_layout(key.num_rows)
         return jax.jit(self._sample_fn(plan)).lower(
@@ -226,11 +233,12 @@ class ModelRunner:
         return table[key]
 
     def _forward_fn(self, num_tokens_bucket: int, decode_only: bool):
-        graphdef, backend, groups = self.graphdef, self.backend, self.groups
+        graphdef, state_def = self.graphdef, self._state_def
+        backend, groups = self.backend, self.groups
         s = self.seq_bucket(num_tokens_bucket)
         model_layout = PackedLayout(step_fields(num_tokens_bucket, s, self.max_pages, groups))
 
-        def forward(state, kv_caches, packed, prev_tokens):
+        def forward(state_leaves, kv_caches, packed, prev_tokens):
             f = model_layout.unpack(packed)
             # -(1 + r) stands for the token the previous step sampled in row r
             ids = f["token_ids"]
@@ -239,7 +247,7 @@ class ModelRunner:
                 query_start_loc=f["query_start_loc"], kv_lens=f["kv_lens"],
                 block_tables={g: f[f"block_table.{g}"] for g in groups},
                 backend=backend, max_query_len=1 if decode_only else num_tokens_bucket)
-            model = nnx.merge(graphdef, state)
+            model = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
             hidden, kv_caches = model(ids, f["positions"], kv_caches, meta)
             rows = packed[model_layout.size:]  # the sampler's per-row inputs, passed through
             return hidden[f["logits_indices"]], rows, kv_caches
@@ -311,10 +319,11 @@ class ModelRunner:
         """Send the packed step to the device and start it; returns without waiting."""
         if step.copies is not None:
             self.kv_caches = self._executable("copy", None)(self.kv_caches, step.copies)
+        # host buffers go in as numpy arrays: the executable's own transfer is the cheapest
         hidden_last, row_inputs, self.kv_caches = self._executable("forward", step.bucket)(
-            self.state, self.kv_caches, jax.device_put(step.buffer), self._prev_tokens)
+            self._state_leaves, self.kv_caches, step.buffer, self._prev_tokens)
         out, self._prev_tokens = self._executable("sample", step.plan)(
-            self._embedding, hidden_last, row_inputs, jax.device_put(step.extra))
+            self._embedding, hidden_last, row_inputs, step.extra)
         return StepHandle(out, step.num_rows, step.plan.num_logprobs > 0)
 
     def collect(self, handle: "StepHandle") -> StepResult:

@@ -36,6 +36,7 @@ def test_roofline_reports_mbu_and_host_overhead(results_dir):
     assert len(out["rows"]) == 2 and all(0 < r["MBU"] for r in out["rows"])
     assert out["host_overhead"]["engine_step_ms"] > 0
     assert "no device events" in out["device_profile"]["note"]  # the CPU has no device streams
+    assert all(v > 0 for v in out["device_profile"]["host_launch"].values())
 
 
 def test_device_profile_separates_busy_time_from_idle_gaps():

@@ -180,7 +180,8 @@ def test_a_step_needs_no_device_loop_outside_the_kernels(config_name):
                          precompile=False)
     for bucket in [(8, True), (32, False)]:  # a pure-decode and a mixed prefill bucket
         jaxpr = jax.make_jaxpr(runner._forward_fn(*bucket))(
-            runner.state, runner.kv_caches, jnp.zeros(runner.step_layout(bucket[0]).size, jnp.int32),
+            runner._state_leaves, runner.kv_caches,
+            jnp.zeros(runner.step_layout(bucket[0]).size, jnp.int32),
             jnp.zeros(8, jnp.int32))
         assert _loops_outside_kernels(jaxpr.jaxpr) == [], bucket
     rows = runner.row_layout(8)
