@@ -90,3 +90,23 @@ def test_sharing_reports_prefix_hits_and_memory_saved_by_forks(results_dir):
     saved = {(r["mode"], r["width"]): r["memory_saved"] for r in out["memory"]}
     assert all(0 < v < 1 for v in saved.values())
     assert saved[("parallel sampling", 4)] > saved[("parallel sampling", 2)]
+
+
+def test_contiguous_baseline_halves_its_batch_until_it_fits(monkeypatch):
+    from jaxpage.benchmarks import contiguous  # noqa: PLC0415
+    from jaxpage.models.config import get_config  # noqa: PLC0415
+    import jax  # noqa: PLC0415
+
+    tried = []
+
+    def fake_run(model, lengths, prompts, batch, backend):
+        tried.append(batch)
+        if batch > 3:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating")
+        return {"system": "contiguous", "batch": batch}
+
+    monkeypatch.setattr(contiguous, "_run_static_batches", fake_run)
+    model = type("M", (), {"config": get_config("gemma2-tiny")})()
+    row = contiguous.run_contiguous(model, [(8, 4)] * 16, [[5] * 8] * 16,
+                                    kv_budget_bytes=1 << 40, backend="xla", max_batch=16)
+    assert tried == [16, 8, 4, 2] and row["batch"] == 2 and row["out_of_memory_at"] == [16, 8, 4]
