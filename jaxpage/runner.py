@@ -145,6 +145,8 @@ class ModelRunner:
         self.precompile = precompile
         self.compile_seconds = 0.0
         self._prev_tokens = jnp.zeros((max_num_seqs,), jnp.int32)
+        self._step_layouts: dict[int, PackedLayout] = {}
+        self._row_layouts: dict[int, PackedLayout] = {}
 
     # -- buckets and layouts ---------------------------------------------------------------------
     def seq_bucket(self, num_tokens_bucket: int) -> int:
@@ -157,20 +159,24 @@ class ModelRunner:
         raise ValueError(f"step of {num_tokens} tokens exceeds the largest bucket "
                          f"{self.token_buckets[-1]}")
 
-    @functools.cache
     def row_layout(self, num_rows: int) -> PackedLayout:
         """Per-row sampler inputs whose size does not depend on the plan."""
+        if num_rows in self._row_layouts:
+            return self._row_layouts[num_rows]
         plan = sampler.SamplerPlan(num_rows=num_rows, num_logprobs=0, filtering=False,
                                    penalty_len=0)
-        return PackedLayout(tuple((n, tuple(shape), np.dtype(dt).name)
-                                  for n, shape, dt in sampler.array_specs(plan)))
+        layout = PackedLayout(tuple((n, tuple(shape), np.dtype(dt).name)
+                                    for n, shape, dt in sampler.array_specs(plan)))
+        return self._row_layouts.setdefault(num_rows, layout)
 
-    @functools.cache
     def step_layout(self, num_tokens_bucket: int) -> PackedLayout:
         """The step buffer: model inputs, then the sampler's per-row inputs."""
-        s = self.seq_bucket(num_tokens_bucket)
-        model_fields = step_fields(num_tokens_bucket, s, self.max_pages, self.groups)
-        return PackedLayout(model_fields + self.row_layout(s).fields)
+        if num_tokens_bucket not in self._step_layouts:
+            s = self.seq_bucket(num_tokens_bucket)
+            model_fields = step_fields(num_tokens_bucket, s, self.max_pages, self.groups)
+            self._step_layouts[num_tokens_bucket] = PackedLayout(
+                model_fields + self.row_layout(s).fields)
+        return self._step_layouts[num_tokens_bucket]
 
     def _extra_specs(self, plan: sampler.SamplerPlan) -> dict[str, jax.ShapeDtypeStruct]:
         """Sampler inputs that only some plans have (penalty token lists)."""

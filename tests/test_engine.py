@@ -212,3 +212,17 @@ def test_no_compilation_happens_after_start_up(caplog):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
+
+
+def test_a_dropped_engine_gives_its_kv_cache_back():
+    # Benchmarks and servers build one engine after another in a process: nothing may keep a
+    # finished engine (and its KV cache) alive.
+    import gc  # noqa: PLC0415
+    import weakref  # noqa: PLC0415
+
+    engine = make_engine("gemma2")
+    run_all(engine, REQUESTS[:3])
+    caches = [weakref.ref(k) for k, _ in engine.runner.kv_caches]
+    del engine
+    gc.collect()
+    assert all(ref() is None for ref in caches)
