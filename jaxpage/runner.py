@@ -146,7 +146,6 @@ class ModelRunner:
         self.compile_seconds = 0.0
         self._prev_tokens = jnp.zeros((max_num_seqs,), jnp.int32)
         self._step_layouts: dict[int, PackedLayout] = {}
-        self._background: dict[tuple, concurrent.futures.Future] = {}  # (kind, key) compiling
         self._row_layouts: dict[int, PackedLayout] = {}
 
     # -- buckets and layouts ---------------------------------------------------------------------
@@ -193,32 +192,20 @@ class ModelRunner:
 
     # -- compilation -----------------------------------------------------------------------------
     def compile_all(self) -> float:
-        """Compile every forward bucket and the sampler plans plain requests use; returns seconds
-        taken. Plans only logprobs or penalties need compile on in a background thread; a step
-        that needs one before it is ready waits for it."""
+        """Lower and compile every forward bucket and sampler plan; returns seconds taken."""
         t0 = time.perf_counter()
         seq_buckets = sorted({self.seq_bucket(t) for t in self.token_buckets})
-        plans = sampler.all_plans(seq_buckets, self.max_model_len)
-        rare = [("sample", p) for p in plans if p.num_logprobs or p.penalty_len]
-        keys = [("forward", v) for v in self._variants()] + [("copy", None)] + [
-            ("sample", p) for p in plans if ("sample", p) not in rare]
+        keys = [("forward", v) for v in self._variants()] + [
+            ("sample", p) for p in sampler.all_plans(seq_buckets, self.max_model_len)] + [
+            ("copy", None)]
         lowered = [self._lower(kind, key) for kind, key in keys]
         with concurrent.futures.ThreadPoolExecutor(self._compile_workers) as pool:
             for (kind, key), exe in zip(keys, pool.map(lambda low: low.compile(), lowered)):
                 self._table(kind)[key] = exe
-        background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxpage-compile")
-        self._background = {k: background.submit(lambda k=k: self._lower(*k).compile())
-                            for k in rare}
-        background.shutdown(wait=False)
         self.compile_seconds = time.perf_counter() - t0
-        log.info("compiled %d forward buckets and %d sampler plans in %.1f s (%d more in the "
-                 "background)", len(self._forward), len(self._sample), self.compile_seconds,
-                 len(rare))
+        log.info("compiled %d forward buckets and %d sampler plans in %.1f s",
+                 len(self._forward), len(self._sample), self.compile_seconds)
         return self.compile_seconds
-
-    def wait_for_background_compiles(self) -> None:
-        for key in list(self._background):
-            self._executable(*key)
 
     def _table(self, kind: str) -> dict:
         return {"forward": self._forward, "sample": self._sample, "copy": self._copy}[kind]
@@ -243,8 +230,6 @@ class ModelRunner:
 
     def _executable(self, kind: str, key):
         table = self._table(kind)
-        if key not in table and (kind, key) in self._background:
-            table[key] = self._background.pop((kind, key)).result()
         if key not in table:
             if self.precompile:
                 raise KeyError(f"no compiled {kind} executable for {key}: a bucket was missed")

@@ -186,17 +186,6 @@ def test_delta_outputs_add_up_to_the_cumulative_output():
     assert finish == "length"
 
 
-def test_requests_right_after_start_up_wait_for_plans_still_compiling():
-    engine = make_engine("gemma3", precompile=True, max_num_batched_tokens=32)
-    assert engine.runner._background  # logprob and penalty plans are still on their way
-    params = SamplingParams(temperature=0.0, logprobs=2, repetition_penalty=1.3, max_tokens=4)
-    (request,) = random_requests(seed=3, n=1)
-    early = run_all(engine, [request], lambda i: params)
-    engine.runner.wait_for_background_compiles()
-    assert not engine.runner._background
-    assert early == run_all(engine, [request], lambda i: params) and len(early["r0"]) == 4
-
-
 def test_no_compilation_happens_after_start_up(caplog):
     compiles = []
 
@@ -208,7 +197,6 @@ def test_no_compilation_happens_after_start_up(caplog):
     with caplog.at_level(logging.INFO, logger="jaxpage"):
         engine = make_engine("gemma3", precompile=True, max_num_batched_tokens=32)
     assert any("compilation took" in r.message for r in caplog.records)
-    engine.runner.wait_for_background_compiles()  # rare sampler plans finish after start-up
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         varied = [
