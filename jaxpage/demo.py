@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 import jaxpage
+from jaxpage import compat
 from jaxpage.models.config import get_config
 
 DEMO_MODEL = "gemma3-demo"
@@ -39,8 +40,7 @@ TOKENIZER_OPTIONS = dict(
 
 def cache_root() -> Path:
     """$JAXPAGE_CACHE, or ~/.cache/jaxpage."""
-    env = os.environ.get("JAXPAGE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "jaxpage"
+    return Path(compat.default_cache_dir())
 
 
 def demo_version() -> str:
