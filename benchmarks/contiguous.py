@@ -32,15 +32,13 @@ def run_contiguous(model: Gemma, lengths: list[tuple[int, int]], prompts: list[l
     activations) fits in device memory too."""
     max_in = max(i for i, _ in lengths)
     max_out = max(o for _, o in lengths)
-    batch = min(batch_size_for(model.config, kv_budget_bytes, max_in + max_out), max_batch,
-                len(lengths))
+    kv_budget_batch = batch_size_for(model.config, kv_budget_bytes, max_in + max_out)
+    batch = min(kv_budget_batch, max_batch, len(lengths))
     too_big = []
     while True:
         try:
             return {**_run_static_batches(model, lengths, prompts, batch, backend),
-                    "kv_budget_batch": batch_size_for(model.config, kv_budget_bytes,
-                                                      max_in + max_out),
-                    "out_of_memory_at": too_big}
+                    "kv_budget_batch": kv_budget_batch, "out_of_memory_at": too_big}
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e) or batch == 1:
                 raise

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpage.pallas_kernels import gpu_common as gc
+from jaxpage.pallas_kernels import reference
 from jaxpage.pallas_kernels.gpu_decode import DecodeConfig, decode_attention
 from jaxpage.pallas_kernels.gpu_prefill import PrefillConfig, prefill_attention
 
@@ -47,37 +48,15 @@ def default_configs(p: gc.AttnParams, dtype, num_seqs: int, max_pages: int, inte
 
 
 def _check_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc) -> None:
-    if q.ndim != 3 or k_pages.ndim != 4:
-        raise ValueError(f"q must be [T, Hq, D] and k_pages [Hkv, P, page_size, D]; got q "
-                         f"{q.shape}, k_pages {k_pages.shape}")
-    if k_pages.shape != v_pages.shape:
-        raise ValueError(f"k_pages {k_pages.shape} and v_pages {v_pages.shape} differ in shape")
-    if k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
-        raise ValueError(f"q, k_pages, v_pages must share a dtype; got {q.dtype}, "
-                         f"{k_pages.dtype}, {v_pages.dtype}")
-    num_kv_heads, _, page_size, head_dim = k_pages.shape
-    if q.shape[2] != head_dim:
-        raise ValueError(f"q head_dim {q.shape[2]} != k_pages head_dim {head_dim}")
-    if q.shape[1] % num_kv_heads:
-        raise ValueError(f"q heads {q.shape[1]} is not a multiple of kv heads {num_kv_heads}")
+    reference.check_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc)
+    _, _, page_size, head_dim = k_pages.shape
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(
             f"head_dim must be a power of two >= 16 for the GPU kernel, got {head_dim}")
     if page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of two for the GPU kernel, got {page_size}")
-    num_seqs = kv_lens.shape[0]
-    if num_seqs < 1 or kv_lens.ndim != 1:
+    if kv_lens.shape[0] < 1:
         raise ValueError(f"kv_lens must be [S] with S >= 1, got shape {kv_lens.shape}")
-    if block_tables.ndim != 2 or block_tables.shape[0] != num_seqs:
-        raise ValueError(
-            f"block_tables must be [S={num_seqs}, max_pages], got {block_tables.shape}")
-    if query_start_loc.shape != (num_seqs + 1,):
-        raise ValueError(
-            f"query_start_loc must be [S+1={num_seqs + 1}], got {query_start_loc.shape}")
-    for name, a in (("kv_lens", kv_lens), ("block_tables", block_tables),
-                    ("query_start_loc", query_start_loc)):
-        if not jnp.issubdtype(a.dtype, jnp.integer):
-            raise ValueError(f"{name} must be an integer array, got {a.dtype}")
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window",

@@ -62,6 +62,37 @@ def token_slots(query_start_loc: jax.Array, kv_lens: jax.Array, block_table: jax
     return jnp.where(valid, page * page_size + pos % page_size, padding).astype(jnp.int32)
 
 
+def check_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc) -> None:
+    """Raise ValueError naming the first argument that breaks the layouts above (for kernels
+    whose own checks add what their tiling needs)."""
+    if q.ndim != 3:
+        raise ValueError(f"q must be [tokens, q_heads, head_dim], got shape {q.shape}")
+    if k_pages.ndim != 4:
+        raise ValueError(
+            f"k_pages must be [kv_heads, pages, page_size, head_dim], got shape {k_pages.shape}")
+    if v_pages.shape != k_pages.shape:
+        raise ValueError(f"v_pages shape {v_pages.shape} differs from k_pages {k_pages.shape}")
+    if not q.dtype == k_pages.dtype == v_pages.dtype:
+        raise ValueError(f"q, k_pages, v_pages must share a dtype, got "
+                         f"{q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
+    num_kv_heads, _, _, head_dim = k_pages.shape
+    if q.shape[2] != head_dim:
+        raise ValueError(f"q head_dim {q.shape[2]} differs from the cache's {head_dim}")
+    if q.shape[1] % num_kv_heads:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads ({num_kv_heads})")
+    if block_tables.ndim != 2:
+        raise ValueError(f"block_tables must be [seqs, max_pages], got shape {block_tables.shape}")
+    num_seqs = block_tables.shape[0]
+    if kv_lens.shape != (num_seqs,):
+        raise ValueError(f"kv_lens shape {kv_lens.shape} must be ({num_seqs},) like block_tables")
+    if query_start_loc.shape != (num_seqs + 1,):
+        raise ValueError(f"query_start_loc shape {query_start_loc.shape} must be ({num_seqs + 1},)")
+    for name, a in (("kv_lens", kv_lens), ("block_tables", block_tables),
+                    ("query_start_loc", query_start_loc)):
+        if not jnp.issubdtype(a.dtype, jnp.integer):
+            raise ValueError(f"{name} must be an integer array, got {a.dtype}")
+
+
 def ragged_paged_attention(
     q: jax.Array,
     k_pages: jax.Array,

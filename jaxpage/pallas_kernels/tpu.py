@@ -38,6 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxpage import compat
+from jaxpage.pallas_kernels import reference
 
 _MAX_QUERIES_PER_BLOCK = 128
 _MAX_ROWS_PER_BLOCK = 512  # q heads of one kv head x query rows in one matmul operand
@@ -292,36 +293,12 @@ def _check_tiles(bq: int, ppb: int, dtype) -> None:
 def _check_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, *,
                   soft_cap, sliding_window, max_query_len) -> None:
     """Raise ValueError naming the first malformed argument."""
-    if q.ndim != 3:
-        raise ValueError(f"q must be [tokens, q_heads, head_dim], got shape {q.shape}")
-    if k_pages.ndim != 4:
-        raise ValueError(
-            f"k_pages must be [kv_heads, pages, page_size, head_dim], got shape {k_pages.shape}")
-    if v_pages.shape != k_pages.shape:
-        raise ValueError(f"v_pages shape {v_pages.shape} differs from k_pages {k_pages.shape}")
-    if not q.dtype == k_pages.dtype == v_pages.dtype:
-        raise ValueError(f"q, k_pages, v_pages must share a dtype, got "
-                         f"{q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
-    num_kv_heads, _, page_size, head_dim = k_pages.shape
-    if q.shape[2] != head_dim:
-        raise ValueError(f"q head_dim {q.shape[2]} differs from the cache's {head_dim}")
-    if q.shape[1] % num_kv_heads:
-        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads ({num_kv_heads})")
+    reference.check_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc)
+    page_size = k_pages.shape[2]
     sublanes = 32 // k_pages.dtype.itemsize  # rows of one native (sublane x lane) VMEM tile
     if page_size % sublanes:
         raise ValueError(f"page_size must be a multiple of {sublanes} for {k_pages.dtype}, "
                          f"got {page_size}")
-    if block_tables.ndim != 2:
-        raise ValueError(f"block_tables must be [seqs, max_pages], got shape {block_tables.shape}")
-    num_seqs = block_tables.shape[0]
-    if kv_lens.shape != (num_seqs,):
-        raise ValueError(f"kv_lens shape {kv_lens.shape} must be ({num_seqs},) like block_tables")
-    if query_start_loc.shape != (num_seqs + 1,):
-        raise ValueError(f"query_start_loc shape {query_start_loc.shape} must be ({num_seqs + 1},)")
-    for name, a in (("kv_lens", kv_lens), ("block_tables", block_tables),
-                    ("query_start_loc", query_start_loc)):
-        if not jnp.issubdtype(a.dtype, jnp.integer):
-            raise ValueError(f"{name} must be an integer array, got {a.dtype}")
     if soft_cap is not None and not soft_cap > 0:
         raise ValueError(f"soft_cap must be positive or None, got {soft_cap}")
     if sliding_window is not None and not sliding_window > 0:
