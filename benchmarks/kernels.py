@@ -236,7 +236,7 @@ def prefill_impls(prob: Problem, soft_cap: float, variants: dict) -> dict:
 def _write_kv_unique(k_pages, v_pages, k, v, md):
     """attention.write_kv with unique_indices=True on the scatter (padding rows collide only on
     the null page, whose contents nobody reads) -- a candidate change, measured here."""
-    from jaxpage.pallas_kernels.gpu_write import token_slots  # noqa: PLC0415
+    from jaxpage.pallas_kernels.reference import token_slots  # noqa: PLC0415
 
     hkv, num_pages, page_size, d = k_pages.shape
     slots = token_slots(md.query_start_loc, md.kv_lens, md.block_tables["global"], k.shape[0],
@@ -306,14 +306,22 @@ def rel_errors(outputs: dict) -> dict:
     return errs
 
 
-def decode_variants(prob: Problem) -> dict:
-    """Tile/launch variants of our decode kernel around the defaults."""
+def decode_variants(prob: Problem, grid: bool = False) -> dict:
+    """Tile/launch variants of our decode kernel around the defaults (with `grid`, every
+    split count x keys per step x pipeline depth)."""
     m = prob.meta
     p = gc.AttnParams(sm_scale=1.0, soft_cap=None, sliding_window=None, num_q_heads=m["q_heads"],
                       num_kv_heads=m["kv_heads"], head_dim=m["head_dim"], page_size=m["page_size"],
                       num_pages=m["batch"] * m["ctx"] // m["page_size"] + 1)
     base, _ = gpu.default_configs(p, m["dtype"], m["batch"], m["ctx"] // m["page_size"], False)
     out = {}
+    if grid:
+        for splits in (1, 2, 3, 4, 6, 8):
+            for bk in (32, 64):
+                for stages in (2, 3):
+                    out[f"sp{splits}_bk{bk}_st{stages}"] = dataclasses.replace(
+                        base, num_splits=splits, block_k=bk, num_stages=stages)
+        return out
     for bk, stages in ((32, 3), (64, 2), (64, 3)):
         out[f"bk{bk}_w4_s{stages}"] = dataclasses.replace(base, block_k=bk, num_stages=stages)
     out["splits_1"] = dataclasses.replace(base, num_splits=1)
@@ -377,6 +385,9 @@ def parse_args(argv):
     ap.add_argument("--quick", action="store_true", help="D=256 heads only, fewer sizes")
     ap.add_argument("--sweep", action="store_true", help="also time tile/launch variants of ours")
     ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--decode-sizes", default=None,
+                    help="batch x context list for decode (e.g. 64x1024,64x2048); with --sweep, "
+                         "every size gets the full split/tile grid")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--soft-cap", type=float, default=50.0)
     return ap.parse_args(argv)
@@ -398,12 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(info), flush=True)
     heads = HEADS[:1] if args.quick else HEADS
     sizes = DECODE_SIZES[::2] if args.quick else DECODE_SIZES
+    if args.decode_sizes:
+        sizes = [tuple(int(v) for v in s.split("x")) for s in args.decode_sizes.split(",")]
     rows = []
     for hq, hkv, d in heads:
         for b, ctx in sizes:
             prob = make_problem(f"decode {b}x{ctx}", b, 1, ctx, hq, hkv, d, args.page_size, dtype)
-            sweep_here = args.sweep and (b, ctx) == (128, 4096) and d == 256
-            variants = decode_variants(prob) if sweep_here else {}
+            sweep_here = args.sweep and d == 256 and (args.decode_sizes or (b, ctx) == (128, 4096))
+            variants = decode_variants(prob, grid=bool(args.decode_sizes)) if sweep_here else {}
             rows += run_problem("decode", prob, decode_impls(prob, args.soft_cap, variants),
                                 overhead, dtype)
             rows += _write_rows(prob, overhead)

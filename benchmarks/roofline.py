@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from jaxpage.benchmarks import common, device_profile
+from jaxpage.benchmarks import common, device_profile, hlo_layers
 
 
 def synthetic_decode(engine, batch: int, context: int, seed: int = 0):
@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-device", action="store_true",
                         help="trace the decode step at --engine-batch x --engine-context and "
                              "print its kernels and idle gaps")
+    parser.add_argument("--print-layer-hlo", action="store_true",
+                        help="print the kernels one layer of the decode step launches "
+                             "(from the optimized HLO)")
     parser.add_argument("--bandwidth-mib", type=int, default=4096,
                         help="size of the copy that measures HBM bandwidth")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -179,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     device = next(r for r in rows if r["batch"] == args.engine_batch
                   and r["context"] == args.engine_context and "step_ms" in r)
     step_memory = _step_memory(engine, args.engine_batch)
+    if args.print_layer_hlo:
+        exe = engine.runner._executable("forward", (engine.runner.bucket_for(args.engine_batch),
+                                                    True))
+        marker = "jaxpage_decode" if engine.runner.backend == "pallas_gpu" else "custom-call"
+        print(f"one layer of the decode step (batch {args.engine_batch}):")
+        print("\n".join(hlo_layers.layer_ops(exe.as_text(), marker)))
     profile = None
     if args.profile_device:
         sched = synthetic_decode(engine, args.engine_batch, args.engine_context)

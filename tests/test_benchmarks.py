@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from jaxpage.benchmarks import coldstart, device_profile, latency, long_context, roofline, sharing, throughput
+from jaxpage.benchmarks import (coldstart, device_profile, hlo_layers, latency, long_context,
+                                roofline, sharing, throughput)
 
 
 @pytest.fixture(autouse=True)
@@ -37,6 +38,35 @@ def test_roofline_reports_mbu_and_host_overhead(results_dir):
     assert out["host_overhead"]["engine_step_ms"] > 0
     assert "no device events" in out["device_profile"]["note"]  # the CPU has no device streams
     assert all(v > 0 for v in out["device_profile"]["host_launch"].values())
+
+
+_TWO_LAYER_HLO = """
+%fused_norm (p0: bf16[4,8]) -> bf16[4,8] {
+  %p0 = bf16[4,8]{1,0} parameter(0)
+  %m = bf16[4,8]{1,0} multiply(%p0, %p0)
+  ROOT %r = bf16[4,8]{1,0} rsqrt(%m)
+}
+
+%command_buffer (a: bf16[4,8]) -> bf16[4,8] {
+  %a = bf16[4,8]{1,0} parameter(0)
+  %attn.1 = bf16[4,8]{1,0} custom-call(%a), custom_call_target="__gpu$xla.gpu.triton", backend_config={"name":"jaxpage_decode_bk32_s2"}
+  %norm.1 = bf16[4,8]{1,0} fusion(%attn.1), kind=kLoop, calls=%fused_norm
+  %attn.2 = bf16[4,8]{1,0} custom-call(%norm.1), custom_call_target="__gpu$xla.gpu.triton", backend_config={"name":"jaxpage_decode_bk32_s2"}
+  ROOT %norm.2 = bf16[4,8]{1,0} fusion(%attn.2), kind=kLoop, calls=%fused_norm
+}
+
+ENTRY %main (x: bf16[4,8], /*index=1*/y: bf16[4,8]) -> bf16[4,8] {
+  %x = bf16[4,8]{1,0} parameter(0)
+  ROOT %c = bf16[4,8]{1,0} call(%x), to_apply=%command_buffer
+}
+"""
+
+
+def test_hlo_layers_lists_one_layer_of_launches_through_command_buffers():
+    layer = hlo_layers.layer_ops(_TWO_LAYER_HLO, "jaxpage_decode")
+    assert [line.split()[0] for line in layer] == ["attn.1", "norm.1"]
+    assert "jaxpage_decode_bk32_s2" in layer[0]
+    assert "kLoop [multiply, rsqrt]" in layer[1]
 
 
 def test_device_profile_separates_busy_time_from_idle_gaps():

@@ -81,6 +81,16 @@ def test_decode_kv_splits_combine_to_the_reference(num_splits):
     check(case, out, sliding_window=40)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_sequences_without_a_token_write_no_row(num_splits):
+    # A sequence with no new token points at the next sequence's row; it must not overwrite it.
+    spec = dict(DECODE, q_lens=[1, 0, 1, 1, 0, 1])
+    case = new_case(12, spec, group=2)
+    out = run_kernel(case, max_query_len=1,
+                     decode_config=DecodeConfig(block_k=16, num_splits=num_splits))
+    check(case, out)
+
+
 def test_prefill_tiles_split_long_chunks_and_skip_pages_outside_the_window():
     # block_m=16 with group 2 -> 8 query rows per tile: chunks of 16/17 rows span several tiles,
     # and key blocks of 16 put window and causal edges inside blocks.

@@ -21,10 +21,15 @@ from jaxpage.pallas_kernels.gpu_prefill import PrefillConfig, prefill_attention
 
 # Bytes of K plus V one decode step moves (several pages per step keeps the copies long).
 _DECODE_STEP_BYTES = 32 * 1024
-# Programs the decode grid should offer (H100/H200: 132 SMs, a few programs resident on each),
-# so the last wave of a long-sequence batch is a small fraction of the run ...
-_DECODE_TARGET_PROGRAMS = 8 * 132
-# ... but no split gets fewer key blocks than this.
+# Decode programs the GPU holds resident at once (H100/H200: 132 SMs x 4 programs of 4 warps).
+# Splits fill this one wave and never spill into a second, partial one: in the H200 grid sweep
+# (benchmarks/NOTES.md, session 3) 64 sequences x 4 kv heads ran fastest with 2 splits
+# (512 programs), 3 splits (a wave and a half) 10 % slower than 2 or 4.
+_DECODE_RESIDENT_PROGRAMS = 4 * 132
+# At least this many splits: with one (and 64 keys per step), the gemma2-2b decode step at
+# 128 x 2048 ran 6 % slower in the model than with 3, though the kernel benchmark had them equal.
+_DECODE_MIN_SPLITS = 2
+# No split gets fewer key blocks than this.
 _DECODE_MIN_BLOCKS_PER_SPLIT = 4
 
 
@@ -35,7 +40,7 @@ def default_configs(p: gc.AttnParams, dtype, num_seqs: int, max_pages: int, inte
     step_keys = _DECODE_STEP_BYTES // (2 * p.head_dim * itemsize)
     block_k = max(16, min(256, gc.next_power_of_2(step_keys)))
     max_blocks = max(1, -(-max_pages * p.page_size // block_k))
-    wanted = -(-_DECODE_TARGET_PROGRAMS // (num_seqs * p.num_kv_heads))
+    wanted = max(_DECODE_MIN_SPLITS, _DECODE_RESIDENT_PROGRAMS // (num_seqs * p.num_kv_heads))
     splits = max(1, min(wanted, max_blocks // _DECODE_MIN_BLOCKS_PER_SPLIT))
     if interpret:
         splits = 1

@@ -5,7 +5,9 @@ with all q heads of its kv head (padded to a dot-friendly tile), walks its share
 sequence's visible pages, `block_k` tokens (several pages) per step, and keeps fp32 online
 softmax statistics. With one split it writes the normalized output; with several, each split
 writes unnormalized partials (acc, running max, running sum) that `combine_splits` merges, so a
-small batch of long sequences still fills the GPU.
+small batch of long sequences still fills the GPU. Outputs are indexed by the query's packed
+token row, so the merge is the only work after the kernel (rows of padding tokens, which no
+program writes, are zeroed in the same pass).
 """
 
 from __future__ import annotations
@@ -75,19 +77,21 @@ def _decode_kernel(qsl_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs,
 
     m, l, acc = jax.lax.fori_loop(block_lo, block_hi, body, gc.init_carry(tile_rows(p), p.head_dim))
 
+    # A sequence without a query owns no row (its q_row is the next sequence's): store nothing.
+    store = head_ok & has_query
     if cfg.num_splits == 1:
         (o_ref,) = out_refs
-        gc.store_rows(o_ref, seq * p.num_q_heads + heads, gc.normalize(l, acc), head_ok)
+        gc.store_rows(o_ref, q_row * p.num_q_heads + heads, gc.normalize(l, acc), store)
     else:
         o_ref, m_ref, l_ref = out_refs
-        rows = (seq * cfg.num_splits + split) * p.num_q_heads + heads
-        gc.store_rows(o_ref, rows, acc, head_ok)
-        gc.store_vector(m_ref, rows, m, head_ok)
-        gc.store_vector(l_ref, rows, l, head_ok)
+        rows = (q_row * cfg.num_splits + split) * p.num_q_heads + heads
+        gc.store_rows(o_ref, rows, acc, store)
+        gc.store_vector(m_ref, rows, m, store)
+        gc.store_vector(l_ref, rows, l, store)
 
 
 def combine_splits(o: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
-    """Merge per-split partials o [S, splits, Hq, D], m/l [S, splits, Hq] into [S, Hq, D].
+    """Merge per-split partials o [T, splits, Hq, D], m/l [T, splits, Hq] into [T, Hq, D].
 
     m is the running max in log2 units (see gpu_common.attend_block).
     """
@@ -105,10 +109,10 @@ def decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_le
     num_tokens = q.shape[0]
     num_seqs = kv_lens.shape[0]
     kernel = functools.partial(_decode_kernel, p=p, cfg=cfg)
+    rows = num_tokens * cfg.num_splits * p.num_q_heads
     if cfg.num_splits == 1:
-        out_shape = [jax.ShapeDtypeStruct((num_seqs * p.num_q_heads, p.head_dim), q.dtype)]
+        out_shape = [jax.ShapeDtypeStruct((rows, p.head_dim), q.dtype)]
     else:
-        rows = num_seqs * cfg.num_splits * p.num_q_heads
         out_shape = [jax.ShapeDtypeStruct((rows, p.head_dim), jnp.float32),
                      jax.ShapeDtypeStruct((rows,), jnp.float32),
                      jax.ShapeDtypeStruct((rows,), jnp.float32)]
@@ -123,13 +127,11 @@ def decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_le
     )(query_start_loc, kv_lens, block_tables,
       q.reshape(-1, p.head_dim), k_pages.reshape(-1, p.head_dim), v_pages.reshape(-1, p.head_dim))
     if cfg.num_splits == 1:
-        per_seq = outs[0].reshape(num_seqs, p.num_q_heads, p.head_dim)
+        out = outs[0].reshape(q.shape)
     else:
         o, m, l = outs
-        shape = (num_seqs, cfg.num_splits, p.num_q_heads)
-        per_seq = combine_splits(o.reshape(*shape, p.head_dim), m.reshape(shape),
-                                 l.reshape(shape)).astype(q.dtype)
-    # Sequence s owns packed row query_start_loc[s] if it has a token; all other rows are 0.
-    has_query = query_start_loc[1:] > query_start_loc[:-1]
-    dest = jnp.where(has_query, query_start_loc[:-1], num_tokens)
-    return jnp.zeros_like(q).at[dest].set(per_seq, mode="drop")
+        shape = (num_tokens, cfg.num_splits, p.num_q_heads)
+        out = combine_splits(o.reshape(*shape, p.head_dim), m.reshape(shape), l.reshape(shape))
+    # Rows past the last sequence's token are padding that no program wrote.
+    written = jnp.arange(num_tokens) < query_start_loc[num_seqs]
+    return jnp.where(written[:, None, None], out, 0).astype(q.dtype)
