@@ -6,6 +6,8 @@ Every version-dependent spelling lives here; the rest of the code imports it fro
 from __future__ import annotations
 
 import os
+import threading
+from typing import Any, Sequence
 
 import jax
 
@@ -24,6 +26,88 @@ def enable_persistent_compilation_cache(path: str | None = None) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def executable_cache_dir(path: str | None = None) -> str:
+    """Where serialized compiled executables live: `executables/` inside the XLA cache directory
+    given to `enable_persistent_compilation_cache`, or beside the default one."""
+    return os.path.join(path or default_cache_dir(), "executables")
+
+
+# --- Serialized executables (jaxpage/executable_cache.py) ----------------------------------------
+# jax.experimental.serialize_executable.{serialize, deserialize_and_load}: the same signatures on
+# 0.10.2 and 0.11.2 (and the same private fields of the executable read below).
+# The payload pickles JAX's own executable object, whose fields are internal: loading it with a
+# different JAX fails or misbehaves, so cache keys must carry the exact versions.
+
+
+_PERSISTENT_CACHE_HIT = "/jax/compilation_cache/cache_hits"  # JAX's monitoring event name
+_compile_thread = threading.local()
+_hit_listener_lock = threading.Lock()
+_hit_listener_on = False
+
+
+def _count_persistent_cache_hit(event: str, **_: Any) -> None:
+    if event == _PERSISTENT_CACHE_HIT:  # recorded in the thread that asked for the compile
+        _compile_thread.hits = getattr(_compile_thread, "hits", 0) + 1
+
+
+def compile_lowered(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, bool]:
+    """`lowered.compile()`, and whether JAX's persistent compilation cache supplied the result."""
+    global _hit_listener_on
+    with _hit_listener_lock:
+        if not _hit_listener_on:
+            jax.monitoring.register_event_listener(_count_persistent_cache_hit)
+            _hit_listener_on = True
+    _compile_thread.hits = 0
+    compiled = lowered.compile()
+    return compiled, _compile_thread.hits > 0
+
+
+def reserializable(platform: str, from_persistent_cache: bool) -> bool:
+    """Whether an executable can be serialized again and still run when loaded.
+
+    XLA:CPU (seen on jaxlib 0.10.2 and 0.11.2) drops the compiled functions when it serializes an
+    executable that it had itself loaded from serialized form (JAX's persistent cache): the
+    reloaded copy fails with "NOT_FOUND: Function ... not found". Such executables are not
+    stored; a fresh compile is. XLA:GPU (0.11.2, H200) round-trips them correctly.
+    """
+    return not (platform == "cpu" and from_persistent_cache)
+
+
+def serialize_compiled(compiled: jax.stages.Compiled) -> tuple[bytes, Any, Any, tuple[int, ...]]:
+    """(payload, in_tree, out_tree, ids of the devices it runs on) of a compiled executable.
+
+    Raises ValueError for one that cannot be reloaded in another process: one that calls back into
+    Python (Pallas interpret mode, io_callback) or keeps Python objects alive beside it.
+    """
+    from jax.experimental import serialize_executable  # noqa: PLC0415 - only the cache needs it
+
+    unloaded = getattr(compiled._executable, "_unloaded_executable", None)
+    if unloaded is None:
+        raise ValueError("this executable does not support serialization")
+    if getattr(unloaded, "host_callbacks", None) or getattr(unloaded, "keepalive", None):
+        raise ValueError("the executable calls back into Python (host callbacks)")
+    if getattr(unloaded, "ordered_effects", None) or getattr(unloaded, "unordered_effects", None):
+        raise ValueError("the executable has side effects")
+    devices = tuple(int(d.id) for d in unloaded.device_list)
+    payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+    return payload, in_tree, out_tree, devices
+
+
+def deserialize_compiled(payload: bytes, in_tree: Any, out_tree: Any,
+                         device_ids: Sequence[int]) -> jax.stages.Compiled:
+    """Load what `serialize_compiled` returned onto the same devices (ids) of this process."""
+    from jax.experimental import serialize_executable  # noqa: PLC0415
+
+    by_id = {d.id: d for d in jax.devices()}
+    missing = [i for i in device_ids if i not in by_id]
+    if missing or not device_ids:
+        raise ValueError(f"the executable runs on devices {list(device_ids)}; this process has "
+                         f"{sorted(by_id)}")
+    devices = [by_id[i] for i in device_ids]
+    return serialize_executable.deserialize_and_load(
+        payload, in_tree, out_tree, backend=devices[0].client, execution_devices=devices)
 
 
 # --- Pallas TPU (Mosaic) -------------------------------------------------------------------------

@@ -21,7 +21,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_cache_dtype: str | None = None     # None: the model's dtype
     seed: int = 0                         # seeds requests that bring none
-    compilation_cache_dir: str | None = "default"  # JAX persistent cache; None turns it off
+    compilation_cache_dir: str | None = "default"  # JAX persistent cache + executables; None: off
     precompile: bool = True               # compile every bucket at start-up (False: on first use)
     compile_workers: int = 8
 

@@ -83,10 +83,12 @@ class LLMEngine:
 
     def __init__(self, model: Gemma, *, tokenizer=None, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
+        exe_cache_dir = None  # serialized executables: on with (and beside) the XLA cache
         if self.config.compilation_cache_dir is not None:
-            compat.enable_persistent_compilation_cache(
-                None if self.config.compilation_cache_dir == "default"
-                else self.config.compilation_cache_dir)
+            xla_dir = (None if self.config.compilation_cache_dir == "default"
+                       else self.config.compilation_cache_dir)
+            compat.enable_persistent_compilation_cache(xla_dir)
+            exe_cache_dir = compat.executable_cache_dir(xla_dir)
         self.model_config = model.config
         self.tokenizer = tokenizer
         self.backend = resolve_backend(self.config.attention_backend)
@@ -115,7 +117,7 @@ class LLMEngine:
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             max_model_len=self.max_model_len, backend=self.backend, kv_dtype=kv_dtype,
             compile_workers=self.config.compile_workers, precompile=self.config.precompile,
-            max_copies=self.kv.max_copies_per_step)
+            max_copies=self.kv.max_copies_per_step, executable_cache_dir=exe_cache_dir)
         log.info("KV cache: %s pages of %d tokens; attention backend %s",
                  num_pages, self.config.page_size, self.backend)
         if self.config.precompile:

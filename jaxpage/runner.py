@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpage import sampler
+from jaxpage import compat, sampler
 from jaxpage.attention import AttentionMetadata
+from jaxpage.executable_cache import ExecutableCache
 from jaxpage.kv_cache import init_kv_cache
 from jaxpage.models.gemma import Gemma, output_logits
 from jaxpage.scheduler import SchedulerOutput
@@ -121,7 +122,8 @@ class ModelRunner:
     def __init__(self, model: Gemma, *, num_pages: dict[str, int], page_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  backend: str, kv_dtype=jnp.bfloat16, compile_workers: int = 8,
-                 precompile: bool = True, max_copies: int = 16):
+                 precompile: bool = True, max_copies: int = 16,
+                 executable_cache_dir: str | None = None):
         self.config = model.config
         self.act_dtype = model.embedder.embedding.get_value().dtype
         self.graphdef, state = nnx.split(model)
@@ -147,6 +149,21 @@ class ModelRunner:
         self._prev_tokens = jnp.zeros((max_num_seqs,), jnp.int32)
         self._step_layouts: dict[int, PackedLayout] = {}
         self._row_layouts: dict[int, PackedLayout] = {}
+        # serialized executables on disk (None: off); counts of what start-up loaded / compiled
+        self._exe_cache = None if executable_cache_dir is None else ExecutableCache(
+            executable_cache_dir, self._static_context(),
+            next(iter(self._state_leaves[0].devices())))
+        self.executables_loaded = 0
+        self.executables_compiled = 0
+
+    def _static_context(self) -> dict[str, object]:
+        """What the traced step functions close over besides their arguments (cache key)."""
+        return {"model": repr(self.config), "graphdef": repr(self.graphdef),
+                "state_def": str(self._state_def), "act_dtype": str(self.act_dtype),
+                "backend": self.backend, "groups": tuple(self.groups),
+                "layer_types": tuple(self.config.layer_types), "page_size": self.page_size,
+                "max_pages": self.max_pages, "max_num_seqs": self.max_num_seqs,
+                "max_model_len": self.max_model_len, "max_copies": self.max_copies}
 
     # -- buckets and layouts ---------------------------------------------------------------------
     def seq_bucket(self, num_tokens_bucket: int) -> int:
@@ -191,42 +208,80 @@ class ModelRunner:
         return variants
 
     # -- compilation -----------------------------------------------------------------------------
-    def compile_all(self) -> float:
-        """Lower and compile every forward bucket and sampler plan; returns seconds taken."""
-        t0 = time.perf_counter()
+    def executable_keys(self) -> list[tuple[str, object]]:
+        """(kind, key) of every executable serving may need: forward buckets, sampler plans and
+        the page copy."""
         seq_buckets = sorted({self.seq_bucket(t) for t in self.token_buckets})
-        keys = [("forward", v) for v in self._variants()] + [
+        return [("forward", v) for v in self._variants()] + [
             ("sample", p) for p in sampler.all_plans(seq_buckets, self.max_model_len)] + [
             ("copy", None)]
-        lowered = [self._lower(kind, key) for kind, key in keys]
+
+    def compile_all(self) -> float:
+        """Load from the executable cache, or else lower and compile, every forward bucket and
+        sampler plan; returns seconds taken."""
+        t0 = time.perf_counter()
+        keys = self.executable_keys()
+        names = [self._cache_name(kind, key) for kind, key in keys]
         with concurrent.futures.ThreadPoolExecutor(self._compile_workers) as pool:
-            for (kind, key), exe in zip(keys, pool.map(lambda low: low.compile(), lowered)):
-                self._table(kind)[key] = exe
+            exes = list(pool.map(self._cache_load, names))
+            misses = [i for i, exe in enumerate(exes) if exe is None]
+            lowered = {i: self._lower(*keys[i]) for i in misses}
+
+            def build(i: int):  # compile, then serialize and write while others still compile
+                exe, from_xla_cache = compat.compile_lowered(lowered.pop(i))
+                return exe, self._cache_store(names[i], exe, from_xla_cache)
+
+            stored = 0
+            for i, (exe, ok) in zip(misses, pool.map(build, misses)):
+                exes[i] = exe
+                stored += ok
+        for (kind, key), exe in zip(keys, exes):
+            self._table(kind)[key] = exe
+        self.executables_loaded += len(keys) - len(misses)
+        self.executables_compiled += len(misses)
         self.compile_seconds = time.perf_counter() - t0
-        log.info("compiled %d forward buckets and %d sampler plans in %.1f s",
-                 len(self._forward), len(self._sample), self.compile_seconds)
+        log.info("%d forward buckets and %d sampler plans ready in %.1f s: %d executables loaded "
+                 "from the executable cache, %d compiled (%s)", len(self._forward),
+                 len(self._sample), self.compile_seconds, len(keys) - len(misses), len(misses),
+                 f"{stored} stored" if self._exe_cache else "executable cache off")
         return self.compile_seconds
 
     def _table(self, kind: str) -> dict:
         return {"forward": self._forward, "sample": self._sample, "copy": self._copy}[kind]
 
+    def _args(self, kind: str, key) -> tuple[tuple[int, ...], tuple]:
+        """(donated argument numbers, arguments to lower with) of one executable."""
+        if kind == "copy":
+            return (0,), (self.kv_caches, jax.ShapeDtypeStruct(
+                (len(self.groups), 2, self.max_copies), jnp.int32))
+        if kind == "forward":
+            size = self.step_layout(key[0]).size
+            return (1,), (self._state_leaves, self.kv_caches,
+                          jax.ShapeDtypeStruct((size,), jnp.int32),
+                          jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32))
+        plan, rows = key, self.row_layout(key.num_rows)
+        return (), (self._embedding,
+                    jax.ShapeDtypeStruct((plan.num_rows, self.config.d_model), self.act_dtype),
+                    jax.ShapeDtypeStruct((rows.size,), jnp.int32), self._extra_specs(plan))
+
     def _lower(self, kind: str, key):
         if kind == "copy":
             groups, types = self.groups, self.config.layer_types
-            return jax.jit(lambda kv, c: copy_pages(kv, c, types, groups), donate_argnums=(0,)
-                           ).lower(self.kv_caches, jax.ShapeDtypeStruct(
-                               (len(groups), 2, self.max_copies), jnp.int32))
-        if kind == "forward":
-            t, decode = key
-            size = self.step_layout(t).size
-            return jax.jit(self._forward_fn(t, decode), donate_argnums=(1,)).lower(
-                self._state_leaves, self.kv_caches, jax.ShapeDtypeStruct((size,), jnp.int32),
-                jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32))
-        plan, rows = key, self.row_layout(key.num_rows)
-        return jax.jit(self._sample_fn(plan)).lower(
-            self._embedding,
-            jax.ShapeDtypeStruct((plan.num_rows, self.config.d_model), self.act_dtype),
-            jax.ShapeDtypeStruct((rows.size,), jnp.int32), self._extra_specs(plan))
+            fn = lambda kv, c: copy_pages(kv, c, types, groups)  # noqa: E731
+        else:
+            fn = self._forward_fn(*key) if kind == "forward" else self._sample_fn(key)
+        donate, args = self._args(kind, key)
+        return jax.jit(fn, donate_argnums=donate).lower(*args)
+
+    def _cache_name(self, kind: str, key) -> str | None:
+        return None if self._exe_cache is None else self._exe_cache.name(
+            kind, key, *self._args(kind, key))
+
+    def _cache_load(self, name: str | None):
+        return None if name is None else self._exe_cache.load(name)
+
+    def _cache_store(self, name: str | None, exe, from_xla_cache: bool) -> bool:
+        return name is not None and self._exe_cache.store(name, exe, from_xla_cache)
 
     def _executable(self, kind: str, key):
         table = self._table(kind)
@@ -234,7 +289,15 @@ class ModelRunner:
             if self.precompile:
                 raise KeyError(f"no compiled {kind} executable for {key}: a bucket was missed")
             t0 = time.perf_counter()
-            table[key] = self._lower(kind, key).compile()
+            name = self._cache_name(kind, key)
+            exe = self._cache_load(name)
+            if exe is None:
+                exe, from_xla_cache = compat.compile_lowered(self._lower(kind, key))
+                self._cache_store(name, exe, from_xla_cache)
+                self.executables_compiled += 1
+            else:
+                self.executables_loaded += 1
+            table[key] = exe
             self.compile_seconds += time.perf_counter() - t0
         return table[key]
 
