@@ -10,9 +10,13 @@ Reports throughput and mean / median / p99 of each, one row per rate.
     jaxpage bench serving --server-args "--checkpoint out/gemma2-2b --max-num-seqs 256" \\
         --workload 1024x128 --num-prompts 500 --rates 2,8,inf
     jaxpage bench serving --url http://127.0.0.1:8000 --rates 4    (a server already running)
+    jaxpage bench serving --model gemma2-2b --workload sharegpt --rates 4,16,inf
 
 Without --url it starts `jaxpage serve` on a free 127.0.0.1 port and stops it at the end. Only
 loopback servers are accepted. Standard library HTTP client, one thread per request in flight.
+--model NAME serves a registry model with random weights (same speed as real ones): a child
+process writes its checkpoint, with a stand-in tokenizer of the model's vocabulary size, to
+--workdir (kept and reused) or to a temporary directory (removed at the end).
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -289,6 +295,88 @@ def served_model(url: str) -> tuple[str, int]:
     return card["id"], int(card.get("max_model_len") or 0)
 
 
+# -- a random-weight checkpoint ----------------------------------------------------------------
+
+CHECKPOINT_CONFIG = "jaxpage_config.json"  # jaxpage.checkpoint.CONFIG_FILE (not imported: orbax)
+
+
+def stand_in_tokenizer(vocab_size: int, dst: str | os.PathLike) -> Path:
+    """A SentencePiece model for a random-weight model of `vocab_size` ids: the demo tokenizer
+    (1024 pieces, Gemma's special ids), extended with ordinary pieces "▁w<ID>" up to
+    `vocab_size` so that every id the model can sample decodes to text (a smaller model's ids
+    are all in the demo tokenizer already). Written to `dst`; returned."""
+    import sentencepiece as spm  # noqa: PLC0415
+
+    from jaxpage.demo import build_demo_tokenizer  # noqa: PLC0415
+
+    dst = Path(dst)
+    data = build_demo_tokenizer(dst).read_bytes()
+    sp = spm.SentencePieceProcessor(model_proto=data)
+    have = sp.get_piece_size()
+    low = min(sp.get_score(i) for i in range(have))
+    # A ModelProto's pieces are its repeated field 1 (SentencePiece: piece = 1, score = 2, type
+    # = 3, NORMAL by default): appending encoded entries appends pieces, without protobuf.
+    extra = bytearray()
+    for k, i in enumerate(range(have, vocab_size)):
+        text = f"\u2581w{i}".encode()
+        piece = b"\x0a" + _varint(len(text)) + text + b"\x15" + struct.pack("<f", low - 1 - k)
+        extra += b"\x0a" + _varint(len(piece)) + piece
+    dst.write_bytes(data + bytes(extra))
+    return dst
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def make_random_checkpoint(model: str, dst: str | os.PathLike) -> Path:
+    """Write registry model `model` with random weights (bfloat16) and a stand-in tokenizer to
+    `dst` (built beside it and renamed into place: a killed run leaves no half checkpoint)."""
+    from jaxpage.benchmarks import common  # noqa: PLC0415
+    from jaxpage.checkpoint import save_checkpoint  # noqa: PLC0415
+
+    dst = Path(dst).absolute()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        m = common.random_model(model)
+        tokenizer = stand_in_tokenizer(m.config.vocab_size, work / "tokenizer.model")
+        save_checkpoint(m, m.config, work / "checkpoint", tokenizer_path=tokenizer)
+        os.rename(work / "checkpoint", dst)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dst
+
+
+@contextlib.contextmanager
+def random_checkpoint(model: str, workdir: str | None = None) -> Iterator[Path]:
+    """A random-weight checkpoint of `model` (a directory named after it, so that the server
+    reports that name) for the duration of the block. Made in a child process, so that this
+    one never holds the accelerator the server needs; under `workdir` it is reused when there,
+    and kept, else it lives in a temporary directory removed at the end."""
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="jaxpage-serving-"))
+    dst = root / model
+    try:
+        if not (dst / CHECKPOINT_CONFIG).is_file():
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "jaxpage.benchmarks.serving", "--model",
+                                   model, "--make-checkpoint", str(dst)])
+            if proc.returncode != 0:
+                raise SystemExit(f"writing the random {model} checkpoint failed "
+                                 f"(exit {proc.returncode})")
+            print(f"random {model} checkpoint written in {time.perf_counter() - t0:.1f} s: "
+                  f"{dst}", file=sys.stderr, flush=True)
+        yield dst
+    finally:
+        if not workdir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
 # -- command line -----------------------------------------------------------------------------
 
 COLUMNS = ["rate", "completed", "failed", "request_throughput", "output_throughput",
@@ -312,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="an already running server (http://127.0.0.1:PORT)")
     parser.add_argument("--server-args", default="",
                         help="flags for the `jaxpage serve` started when no --url is given")
+    parser.add_argument("--model", help="serve this registry model (e.g. gemma2-2b) with "
+                        "random weights; not with --url or a --checkpoint in --server-args")
+    parser.add_argument("--workdir", help="with --model: keep its checkpoint here, and reuse it "
+                        "when it is there (default: a temporary directory)")
+    parser.add_argument("--make-checkpoint", help=argparse.SUPPRESS)  # the --model child
     parser.add_argument("--startup-timeout", type=float, default=900.0)
     parser.add_argument("--rates", type=_rates, default=[math.inf],
                         help="comma-separated request rates in req/s, 'inf' for all at once")
@@ -319,8 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload", default="1024x128",
                         help="INxOUT (e.g. 1024x128) or 'sharegpt'")
     parser.add_argument("--max-concurrency", type=int, default=None)
-    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB,
-                        help="prompt token ids are drawn from [10, vocab-size)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help=f"prompt token ids are drawn from [10, vocab-size) (default: "
+                             f"{DEFAULT_VOCAB}, or the --model's vocabulary when smaller)")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds one request may take before it counts as failed")
@@ -329,23 +423,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH",
                         help="write the results here instead of results/ ('-': stdout)")
     args = parser.parse_args(argv)
-    if args.num_prompts < 1 or args.vocab_size <= FIRST_PROMPT_ID:
+    if args.make_checkpoint:
+        if not args.model:
+            parser.error("--make-checkpoint needs --model")
+        make_random_checkpoint(args.model, args.make_checkpoint)
+        return 0
+    if args.num_prompts < 1 or (args.vocab_size or DEFAULT_VOCAB) <= FIRST_PROMPT_ID:
         parser.error("--num-prompts must be >= 1 and --vocab-size > 10")
     if args.url:
         try:
             check_loopback(args.url)
         except ValueError as e:
             parser.error(str(e))
+    server_args = shlex.split(args.server_args)
+    if args.model:
+        if args.url:
+            parser.error("--model starts a server of its own: give --model or --url")
+        if any(a == "--checkpoint" or a.startswith("--checkpoint=") for a in server_args):
+            parser.error("--model serves its own random checkpoint: no --checkpoint in "
+                         "--server-args")
     from jaxpage.benchmarks import common  # noqa: PLC0415 - imports JAX (no device is used)
+    from jaxpage.models.config import get_config  # noqa: PLC0415
+
+    model_vocab = None
+    if args.model:
+        try:
+            model_vocab = get_config(args.model).vocab_size
+        except ValueError as e:
+            parser.error(str(e))
+        if args.vocab_size and args.vocab_size > model_vocab:
+            parser.error(f"--vocab-size {args.vocab_size} is more than {args.model}'s "
+                         f"{model_vocab}")
+    args.vocab_size = args.vocab_size or min(DEFAULT_VOCAB, model_vocab or DEFAULT_VOCAB)
 
     lengths = common.workload(args.workload, args.num_prompts, seed=args.seed)
     outputs = [o for _, o in lengths]
-    server_args = shlex.split(args.server_args)
     if not args.url and not any(a.startswith("--max-queued-requests") for a in server_args):
         server_args += ["--max-queued-requests", str(args.num_prompts)]  # no 503s at rate inf
-    server = (contextlib.nullcontext(args.url) if args.url else
-              launched_server(server_args, startup_timeout=args.startup_timeout))
-    with server as url:
+    with contextlib.ExitStack() as stack:
+        if args.model:
+            checkpoint = stack.enter_context(random_checkpoint(args.model, args.workdir))
+            server_args = ["--checkpoint", str(checkpoint), *server_args]
+        url = stack.enter_context(
+            contextlib.nullcontext(args.url) if args.url else
+            launched_server(server_args, startup_timeout=args.startup_timeout))
         model, max_model_len = served_model(url)
         longest = max(i + o for i, o in lengths)
         if max_model_len and longest > max_model_len:
@@ -371,8 +492,8 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     common.print_table(rows, COLUMNS)
     payload = _strict_json({
-        "model": model, "workload": args.workload, "num_prompts": args.num_prompts,
-        "max_concurrency": args.max_concurrency, "server_args": server_args, "url": args.url,
+        "model": model, "random_weights": bool(args.model), "workload": args.workload,
+        "num_prompts": args.num_prompts, "max_concurrency": args.max_concurrency, "server_args": server_args, "url": args.url,
         "rows": rows, "requests": details})
     if args.json == "-":
         print(json.dumps(payload, allow_nan=False))

@@ -172,3 +172,60 @@ def test_a_server_that_cannot_start_is_reported_and_its_log_kept(monkeypatch, tm
         with serving.launched_server(["--max-queued-requests", "-1"]):
             pass
     assert len(list(tmp_path.glob("jaxpage-serving-bench-*.log"))) == 1
+
+
+# -- --model: a registry model with random weights ----------------------------------------------
+
+
+def test_stand_in_tokenizer_decodes_every_id_of_the_model(tmp_path):
+    from jaxpage.demo import build_demo_tokenizer  # noqa: PLC0415
+    from jaxpage.tokenizer import Tokenizer  # noqa: PLC0415
+
+    demo = Tokenizer(build_demo_tokenizer(tmp_path / "demo.model"))
+    tok = Tokenizer(serving.stand_in_tokenizer(3000, tmp_path / "stand-in.model"))
+    assert tok.vocab_size == 3000
+    assert (tok.bos_id, tok.eos_id, tok.end_of_turn_id) == (demo.bos_id, demo.eos_id,
+                                                            demo.end_of_turn_id)
+    assert tok.decode([100, 900]) == demo.decode([100, 900])  # the demo's pieces are kept
+    assert tok.id_to_piece(2999) == "\u2581w2999"
+    assert tok.decode([1500, 2999]).split() == ["w1500", "w2999"]
+    small = Tokenizer(serving.stand_in_tokenizer(512, tmp_path / "small.model"))
+    assert small.vocab_size == demo.vocab_size  # ids of a smaller model are all in it already
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--url", "http://127.0.0.1:8000"], "--model or --url"),
+    (["--server-args", "--checkpoint out/x"], "--checkpoint"),
+    (["--vocab-size", "600"], "512"),
+])
+def test_model_mode_refuses_conflicting_flags(bad, message, capsys):
+    with pytest.raises(SystemExit):
+        serving.main(["--model", "gemma2-tiny", *bad])
+    assert message in capsys.readouterr().err
+
+
+def test_model_mode_serves_a_random_checkpoint_it_writes_and_reuses(tmp_path):
+    flags = ("--dtype float32 --attention-backend xla --page-size 16 --max-num-seqs 4 "
+             "--max-num-batched-tokens 32 --num-pages 64")
+    argv = ["--model", "gemma2-tiny", "--workdir", str(tmp_path / "work"), "--server-args", flags,
+            "--workload", "12x4", "--num-prompts", "3", "--rates", "inf", "--json"]
+    assert serving.main([*argv, str(tmp_path / "first.json")]) == 0
+    checkpoint = tmp_path / "work" / "gemma2-tiny"
+    assert (checkpoint / "jaxpage_config.json").is_file()
+    assert (checkpoint / "tokenizer.model").is_file()
+    assert [p.name for p in (tmp_path / "work").iterdir()] == ["gemma2-tiny"]  # no leftovers
+    stamp = (checkpoint / "jaxpage_config.json").stat().st_mtime_ns
+    assert serving.main([*argv, str(tmp_path / "second.json")]) == 0
+    assert (checkpoint / "jaxpage_config.json").stat().st_mtime_ns == stamp  # reused
+    payload = json.loads((tmp_path / "second.json").read_text())
+    assert payload["model"] == "gemma2-tiny" and payload["random_weights"] is True
+    (row,) = payload["rows"]
+    assert (row["completed"], row["failed"], row["short"]) == (3, 0, 0)
+    assert row["output_tokens"] == 3 * 4
+
+
+def test_model_mode_without_workdir_leaves_nothing_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with serving.random_checkpoint("gemma2-tiny") as checkpoint:
+        assert (checkpoint / "jaxpage_config.json").is_file() and checkpoint.name == "gemma2-tiny"
+    assert not checkpoint.exists() and list(tmp_path.iterdir()) == []
