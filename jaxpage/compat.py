@@ -75,6 +75,13 @@ def reserializable(platform: str, from_persistent_cache: bool) -> bool:
     return not (platform == "cpu" and from_persistent_cache)
 
 
+def serializable_after_running(platform: str) -> bool:
+    """Whether an executable can still be serialized after it has run. XLA:CPU (jaxlib 0.10.2)
+    compiles some pieces (a sort's comparator) on first run and then refuses to serialize:
+    "UNIMPLEMENTED: `LessThan` is not serializable"."""
+    return platform != "cpu"
+
+
 def serialize_compiled(compiled: jax.stages.Compiled) -> tuple[bytes, Any, Any, tuple[int, ...]]:
     """(payload, in_tree, out_tree, ids of the devices it runs on) of a compiled executable.
 

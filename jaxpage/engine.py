@@ -198,6 +198,12 @@ class LLMEngine:
         self._in_flight = following
         return outputs
 
+    def save_executables(self, max_entries: int | None = None) -> int:
+        """Write executables compiled at start-up (or on first use) to the executable cache, up
+        to `max_entries`; returns how many are still unsaved. Callers run it while idle."""
+        self.runner.save_executables(max_entries)
+        return self.runner.unsaved_executables
+
     def stats(self) -> EngineStats:
         cache = self.kv.prefix_cache
         return EngineStats(

@@ -178,6 +178,7 @@ class EngineClient:
         last_refresh = last_log = time.monotonic()
         logged_totals = (0, 0)
         busy = False
+        unsaved = True  # compiled executables may be waiting to be written to the cache
         while not self._stopping:
             self._wake.clear()
             self._process_inbox(engine)
@@ -186,8 +187,11 @@ class EngineClient:
                 self._dispatch(engine.step())
             elif busy:  # just went idle: make the snapshot exact
                 busy = False
+                unsaved = True  # steps compiled on first use may be waiting to be saved
                 self.metrics.set_stats(engine.stats())
                 last_refresh = time.monotonic()
+            elif unsaved:  # idle: persist one compiled executable, then look again
+                unsaved = engine.save_executables(max_entries=1) > 0
             else:
                 self._wake.wait(self.stats_interval)
             now = time.monotonic()

@@ -138,20 +138,23 @@ class ExecutableCache:
                         "it will be recompiled", path, type(e).__name__, e)
             return None
 
-    def store(self, name: str, compiled: jax.stages.Compiled,
-              from_persistent_cache: bool = False) -> bool:
-        """Write the executable atomically; False (logged) when it cannot be serialized or
-        written. `from_persistent_cache`: JAX's persistent cache supplied it (see
-        compat.reserializable). Never raises."""
+    def serialize(self, name: str, compiled: jax.stages.Compiled,
+                  from_persistent_cache: bool = False) -> bytes | None:
+        """The entry body of an executable, or None (logged) when it cannot be serialized.
+        `from_persistent_cache`: JAX's persistent cache supplied it (see compat.reserializable).
+        Never raises."""
         if not compat.reserializable(self.platform, from_persistent_cache):
             log.debug("not caching %s: loaded from the persistent compilation cache", name)
-            return False
+            return None
         try:
-            body = pickle.dumps(compat.serialize_compiled(compiled),
+            return pickle.dumps(compat.serialize_compiled(compiled),
                                 protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as e:  # noqa: BLE001
             log.debug("not caching %s: %s: %s", name, type(e).__name__, e)
-            return False
+            return None
+
+    def write(self, name: str, body: bytes) -> bool:
+        """Write a serialized entry atomically; False (logged) when it cannot be written."""
         tmp = None
         try:
             os.makedirs(self.directory, exist_ok=True)
@@ -168,3 +171,9 @@ class ExecutableCache:
                 except OSError:
                     pass
             return False
+
+    def store(self, name: str, compiled: jax.stages.Compiled,
+              from_persistent_cache: bool = False) -> bool:
+        """Serialize and write; False when either step fails. Never raises."""
+        body = self.serialize(name, compiled, from_persistent_cache)
+        return body is not None and self.write(name, body)

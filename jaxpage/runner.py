@@ -155,6 +155,9 @@ class ModelRunner:
             next(iter(self._state_leaves[0].devices())))
         self.executables_loaded = 0
         self.executables_compiled = 0
+        self.compile_times: dict[tuple[str, object], tuple[float, float]] = {}  # lower, compile s
+        # (name, executable or its serialized body, from XLA cache) not yet written to the cache
+        self._unsaved: list[tuple[str, object, bool]] = []
 
     def _static_context(self) -> dict[str, object]:
         """What the traced step functions close over besides their arguments (cache key)."""
@@ -218,23 +221,25 @@ class ModelRunner:
 
     def compile_all(self) -> float:
         """Load from the executable cache, or else lower and compile, every forward bucket and
-        sampler plan; returns seconds taken."""
+        sampler plan; returns seconds taken. Compiled executables are written to the cache later,
+        by `save_executables`, so writing them never delays the first token."""
         t0 = time.perf_counter()
-        keys = self.executable_keys()
+        keys = sorted(self.executable_keys(), key=_compile_order)
         names = [self._cache_name(kind, key) for kind, key in keys]
         with concurrent.futures.ThreadPoolExecutor(self._compile_workers) as pool:
             exes = list(pool.map(self._cache_load, names))
             misses = [i for i, exe in enumerate(exes) if exe is None]
-            lowered = {i: self._lower(*keys[i]) for i in misses}
-
-            def build(i: int):  # compile, then serialize and write while others still compile
-                exe, from_xla_cache = compat.compile_lowered(lowered.pop(i))
-                return exe, self._cache_store(names[i], exe, from_xla_cache)
-
-            stored = 0
-            for i, (exe, ok) in zip(misses, pool.map(build, misses)):
-                exes[i] = exe
-                stored += ok
+            # Tracing and lowering hold the GIL, XLA's compile mostly does not: lower here, the
+            # longest compiles first, and hand each to a compile thread as soon as it is lowered.
+            futures = {}
+            for i in misses:
+                lowered, lower_s = _timed(self._lower, *keys[i])
+                futures[i] = pool.submit(_timed, compat.compile_lowered, lowered)
+                self.compile_times[keys[i]] = (lower_s, 0.0)
+            for i in misses:
+                (exes[i], from_xla_cache), compile_s = futures[i].result()
+                self.compile_times[keys[i]] = (self.compile_times[keys[i]][0], compile_s)
+                self._queue_store(names[i], exes[i], from_xla_cache)
         for (kind, key), exe in zip(keys, exes):
             self._table(kind)[key] = exe
         self.executables_loaded += len(keys) - len(misses)
@@ -243,8 +248,39 @@ class ModelRunner:
         log.info("%d forward buckets and %d sampler plans ready in %.1f s: %d executables loaded "
                  "from the executable cache, %d compiled (%s)", len(self._forward),
                  len(self._sample), self.compile_seconds, len(keys) - len(misses), len(misses),
-                 f"{stored} stored" if self._exe_cache else "executable cache off")
+                 "executable cache on" if self._exe_cache else "executable cache off")
         return self.compile_seconds
+
+    def compile_time_summary(self) -> dict[str, dict[str, float]]:
+        """Per kind of executable: how many were compiled, seconds spent lowering them (one
+        thread) and compiling them (summed over threads), and the longest single compile."""
+        out: dict[str, dict[str, float]] = {}
+        for (kind, _), (lower_s, compile_s) in self.compile_times.items():
+            row = out.setdefault(kind, {"count": 0, "lower_s": 0.0, "compile_s": 0.0,
+                                        "max_compile_s": 0.0})
+            row["count"] += 1
+            row["lower_s"] += lower_s
+            row["compile_s"] += compile_s
+            row["max_compile_s"] = max(row["max_compile_s"], compile_s)
+        return out
+
+    @property
+    def unsaved_executables(self) -> int:
+        """Compiled executables not yet written to the executable cache."""
+        return len(self._unsaved)
+
+    def save_executables(self, max_entries: int | None = None) -> int:
+        """Serialize and write up to `max_entries` (all by default) compiled executables to the
+        executable cache; returns how many were written. For idle moments: each takes tens to
+        hundreds of milliseconds of host time."""
+        written = 0
+        while self._unsaved and (max_entries is None or max_entries > 0):
+            name, exe, from_xla_cache = self._unsaved.pop()
+            body = exe if isinstance(exe, bytes) else self._exe_cache.serialize(
+                name, exe, from_xla_cache)
+            written += body is not None and self._exe_cache.write(name, body)
+            max_entries = None if max_entries is None else max_entries - 1
+        return written
 
     def _table(self, kind: str) -> dict:
         return {"forward": self._forward, "sample": self._sample, "copy": self._copy}[kind]
@@ -280,8 +316,17 @@ class ModelRunner:
     def _cache_load(self, name: str | None):
         return None if name is None else self._exe_cache.load(name)
 
-    def _cache_store(self, name: str | None, exe, from_xla_cache: bool) -> bool:
-        return name is not None and self._exe_cache.store(name, exe, from_xla_cache)
+    def _queue_store(self, name: str | None, exe, from_xla_cache: bool) -> None:
+        """Keep a fresh executable for `save_executables`, serialized now where it could not be
+        once it has run (compat.serializable_after_running)."""
+        if name is None:
+            return
+        if compat.serializable_after_running(self._exe_cache.platform):
+            self._unsaved.append((name, exe, from_xla_cache))
+        else:
+            body = self._exe_cache.serialize(name, exe, from_xla_cache)
+            if body is not None:
+                self._unsaved.append((name, body, from_xla_cache))
 
     def _executable(self, kind: str, key):
         table = self._table(kind)
@@ -292,8 +337,10 @@ class ModelRunner:
             name = self._cache_name(kind, key)
             exe = self._cache_load(name)
             if exe is None:
-                exe, from_xla_cache = compat.compile_lowered(self._lower(kind, key))
-                self._cache_store(name, exe, from_xla_cache)
+                lowered, lower_s = _timed(self._lower, kind, key)
+                (exe, from_xla_cache), compile_s = _timed(compat.compile_lowered, lowered)
+                self.compile_times[(kind, key)] = (lower_s, compile_s)
+                self._queue_store(name, exe, from_xla_cache)
                 self.executables_compiled += 1
             else:
                 self.executables_loaded += 1
@@ -402,6 +449,25 @@ class ModelRunner:
             return StepResult(host.token_ids[:n], host.logprobs[:n], host.top_ids[:n],
                               host.top_logprobs[:n])
         return StepResult(host.token_ids[:n], host.logprobs[:n], None, None)
+
+
+def _timed(fn, *args):
+    """(fn(*args), seconds it took)."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def _compile_order(kind_key: tuple[str, object]) -> tuple:
+    """Sort key that puts the longest compiles first: forward steps (largest bucket first), the
+    page copy, then sampler plans with the most features."""
+    kind, key = kind_key
+    if kind == "forward":
+        return (0, -key[0], key[1])
+    if kind == "copy":
+        return (1,)
+    return (2, -(bool(key.filtering) + bool(key.num_logprobs) + bool(key.penalty_len)),
+            -key.num_rows, -key.penalty_len, key.num_logprobs)
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +74,7 @@ def filled(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         use_dir(mp, path)
         engine = make_engine("gemma2", **SMALL)
+        engine.save_executables()
     keys = engine.runner.executable_keys()
     assert engine.runner.executables_compiled == len(keys) == len(entries(path))
     return path, engine
@@ -120,6 +122,7 @@ def test_a_second_engine_with_the_same_config_loads_every_executable_and_samples
 def test_engines_that_compile_on_first_use_store_and_load_the_same_way(exe_dir, lowered):
     first = make_engine("gemma2", **(SMALL | {"precompile": False}))
     expected = outputs(first)
+    assert first.save_executables() == 0
     compiled = list(lowered)
     assert compiled and first.runner.executables_loaded == 0
     assert len(entries(exe_dir)) == len(compiled) == first.runner.executables_compiled
@@ -139,11 +142,63 @@ def test_start_up_logs_how_many_executables_were_loaded_and_compiled(copy_of_fil
                for r in caplog.records)
 
 
+# -- when entries are written ----------------------------------------------------------------------
+
+def test_start_up_writes_nothing_and_each_save_writes_what_was_asked(exe_dir):
+    engine = make_engine("gemma2", **SMALL)
+    n = len(engine.runner.executable_keys())
+    assert entries(exe_dir) == [] and engine.runner.unsaved_executables == n
+    assert engine.save_executables(max_entries=2) == n - 2
+    assert len(entries(exe_dir)) == 2
+    assert engine.save_executables() == 0
+    assert len(entries(exe_dir)) == n
+
+
+def test_the_server_loop_saves_executables_once_it_is_idle(exe_dir):
+    from jaxpage.engine_client import EngineClient  # noqa: PLC0415
+
+    client = EngineClient(lambda: make_engine("gemma2", **SMALL), stats_interval=0.05)
+    client.start(timeout=300)
+    try:
+        n = len(client.engine.runner.executable_keys())
+        deadline = time.monotonic() + 120
+        while len(entries(exe_dir)) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(entries(exe_dir)) == n
+        assert client.engine.runner.unsaved_executables == 0
+    finally:
+        client.shutdown()
+
+
+def test_start_up_records_lowering_and_compile_seconds_of_every_executable(exe_dir):
+    runner = make_engine("gemma2", **SMALL).runner
+    summary = runner.compile_time_summary()
+    kinds = [kind for kind, _ in runner.executable_keys()]
+    assert {k: row["count"] for k, row in summary.items()} == {
+        k: kinds.count(k) for k in set(kinds)}
+    assert all(row["compile_s"] >= row["max_compile_s"] > 0 and row["lower_s"] > 0
+               for row in summary.values())
+
+
+def test_the_longest_compiles_are_lowered_first(exe_dir, lowered):
+    make_engine("gemma2", **SMALL)
+    kinds = [kind for kind, _ in lowered]
+    forwards = [key for kind, key in lowered if kind == "forward"]
+    assert kinds == sorted(kinds, key=["forward", "copy", "sample"].index)
+    assert [t for t, _ in forwards] == sorted((t for t, _ in forwards), reverse=True)
+    plain = [i for i, (kind, key) in enumerate(lowered) if kind == "sample" and not (
+        key.filtering or key.num_logprobs or key.penalty_len)]
+    assert plain and plain[0] > max(i for i, (kind, key) in enumerate(lowered)
+                                    if kind == "sample" and key.filtering and key.num_logprobs)
+
+
 # -- what changes the key -------------------------------------------------------------------------
 
 def test_a_larger_token_budget_reuses_every_executable_whose_inputs_did_not_change(
         copy_of_filled, lowered):
-    runner = make_engine("gemma2", **(SMALL | {"max_num_batched_tokens": 64})).runner
+    engine = make_engine("gemma2", **(SMALL | {"max_num_batched_tokens": 64}))
+    engine.save_executables()
+    runner = engine.runner
     # a new bucket (64), and a larger local-layer KV pool for every step and the page copy;
     # the sampler plans see the same inputs and are loaded
     assert set(lowered) == {("forward", (16, False)), ("forward", (32, False)),
@@ -256,6 +311,7 @@ def test_a_corrupt_entry_is_ignored_logged_and_recompiled(copy_of_filled, lowere
     assert any(victim.name in r.getMessage() for r in caplog.records)
     assert outputs(engine, REQUESTS[:2])  # and it serves
 
+    engine.save_executables()
     lowered.clear()
     make_engine("gemma2", **SMALL)  # the recompiled entry was written back
     assert lowered == []
