@@ -13,8 +13,7 @@ from flax import nnx
 
 from jaxpage.attention import AttentionMetadata, paged_attention
 from jaxpage.models.config import GemmaConfig, LayerType
-from jaxpage.models.layers import (Embedder, FeedForward, RMSNorm, apply_rope, normal_init,
-                                   rms_norm)
+from jaxpage.models.layers import Embedder, FeedForward, RMSNorm, normal_init, apply_rope
 
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: (k_pages, v_pages), each [Hkv, P, ps, D]
 
@@ -39,34 +38,16 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, kv_cache: tuple[jax.Array, jax.Array],
                  metadata: AttentionMetadata) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        q, k, v = self._qkv(x, positions)
+        q = jnp.einsum("td,dnh->tnh", x, self.q_proj[...])
+        k, v = jnp.einsum("td,cdnh->ctnh", x, self.kv_proj[...])
+        if self.use_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions, base=self.rope_base, scale=self.rope_scale)
+        k = apply_rope(k, positions, base=self.rope_base, scale=self.rope_scale)
         out, kv_cache = paged_attention(
             q, k, v, kv_cache, metadata, group=self.layer_type, sm_scale=self.sm_scale,
             soft_cap=self.soft_cap, sliding_window=self.sliding_window)
         return jnp.einsum("tnh,nhd->td", out, self.o_proj[...]), kv_cache
-
-
-    def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """q [T, Hq, D], k and v [T, Hkv, D]: projected, qk-normed and rotated.
-
-        All heads go through the norm and the rotation as one [T, Hq + 2 Hkv, D] array (v heads
-        pass through unchanged), so a decode step has one kernel for each, not one per
-        projection.
-        """
-        q = jnp.einsum("td,dnh->tnh", x, self.q_proj[...])
-        k, v = jnp.einsum("td,cdnh->ctnh", x, self.kv_proj[...])
-        hq, hkv = q.shape[1], k.shape[1]
-        qkv = jnp.concatenate([q, k, v], axis=1)
-        rotated = (jnp.arange(qkv.shape[1]) < hq + hkv)[None, :, None]  # q and k heads
-        if self.use_qk_norm:
-            scale = jnp.concatenate([
-                jnp.broadcast_to(self.q_norm.scale[...], (hq, q.shape[2])),
-                jnp.broadcast_to(self.k_norm.scale[...], (hkv, q.shape[2])),
-                jnp.zeros((hkv, q.shape[2]), q.dtype)])
-            qkv = jnp.where(rotated, rms_norm(qkv, scale, self.q_norm.eps), qkv)
-        qkv = jnp.where(rotated, apply_rope(qkv, positions, base=self.rope_base,
-                                            scale=self.rope_scale), qkv)
-        return qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
 
 
 class Block(nnx.Module):

@@ -106,6 +106,10 @@ def test_cold_start_is_faster_with_a_warm_compilation_cache(results_dir, tmp_pat
                     "--max-num-seqs", "4", "--max-num-batched-tokens", "16"])
     cold, warm = result(results_dir, "coldstart-gemma3-tiny")["rows"]
     assert warm["compile_s"] < cold["compile_s"]
+    # the cold run wrote every executable it compiled; the warm one loads them all
+    assert cold["loaded"] == 0 and warm["compiled"] == 0 and warm["loaded"] == cold["compiled"]
+    assert 0 < cold["first_token_s"] <= cold["wall_s"]
+    assert cold["compile_by_kind"]["forward"]["count"] >= 1
 
 
 def test_sharing_reports_prefix_hits_and_memory_saved_by_forks(results_dir):
