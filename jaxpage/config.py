@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from jaxpage.attention import BACKENDS
+
+
+def default_compile_workers() -> int:
+    """One start-up compile thread per CPU core: XLA compiles each executable on about one core
+    (H200 host, 16 cores: gemma2-2b cold start 58.2 s with 8 threads, 48.2 s with 16)."""
+    return max(1, min(32, os.cpu_count() or 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +30,7 @@ class EngineConfig:
     seed: int = 0                         # seeds requests that bring none
     compilation_cache_dir: str | None = "default"  # JAX persistent cache + executables; None: off
     precompile: bool = True               # compile every bucket at start-up (False: on first use)
-    compile_workers: int = 8
+    compile_workers: int = dataclasses.field(default_factory=lambda: default_compile_workers())
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> None:
