@@ -28,6 +28,7 @@ from jaxpage.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 STATS_REFRESH_S = 0.25  # how stale the stats snapshot behind /metrics may get while busy
+SAVE_WHEN_IDLE_FOR_S = 1.0  # quiet time before compiled executables are written to the cache
 
 
 class QueueFullError(RuntimeError):
@@ -179,6 +180,7 @@ class EngineClient:
         logged_totals = (0, 0)
         busy = False
         unsaved = True  # compiled executables may be waiting to be written to the cache
+        idle_since = time.monotonic()
         while not self._stopping:
             self._wake.clear()
             self._process_inbox(engine)
@@ -189,11 +191,13 @@ class EngineClient:
                 busy = False
                 unsaved = True  # steps compiled on first use may be waiting to be saved
                 self.metrics.set_stats(engine.stats())
-                last_refresh = time.monotonic()
-            elif unsaved:  # idle: persist one compiled executable, then look again
+                last_refresh = idle_since = time.monotonic()
+            elif unsaved and time.monotonic() - idle_since >= SAVE_WHEN_IDLE_FOR_S:
+                # quiet for a while: persist one compiled executable (it holds the GIL for up to
+                # a few hundred ms), then look at the inbox again
                 unsaved = engine.save_executables(max_entries=1) > 0
             else:
-                self._wake.wait(self.stats_interval)
+                self._wake.wait(SAVE_WHEN_IDLE_FOR_S if unsaved else self.stats_interval)
             now = time.monotonic()
             if busy and now - last_refresh >= STATS_REFRESH_S:
                 self.metrics.set_stats(engine.stats())
