@@ -231,14 +231,13 @@ class ModelRunner:
             misses = [i for i, exe in enumerate(exes) if exe is None]
             # Tracing and lowering hold the GIL, XLA's compile mostly does not: lower here, the
             # longest compiles first, and hand each to a compile thread as soon as it is lowered.
-            futures = {}
+            futures, lower_s = {}, {}
             for i in misses:
-                lowered, lower_s = _timed(self._lower, *keys[i])
+                lowered, lower_s[i] = _timed(self._lower, *keys[i])
                 futures[i] = pool.submit(_timed, compat.compile_lowered, lowered)
-                self.compile_times[keys[i]] = (lower_s, 0.0)
             for i in misses:
                 (exes[i], from_xla_cache), compile_s = futures[i].result()
-                self.compile_times[keys[i]] = (self.compile_times[keys[i]][0], compile_s)
+                self.compile_times[keys[i]] = (lower_s[i], compile_s)
                 self._queue_store(names[i], exes[i], from_xla_cache)
         for (kind, key), exe in zip(keys, exes):
             self._table(kind)[key] = exe
