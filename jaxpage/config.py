@@ -30,7 +30,7 @@ class EngineConfig:
     seed: int = 0                         # seeds requests that bring none
     compilation_cache_dir: str | None = "default"  # JAX persistent cache + executables; None: off
     precompile: bool = True               # compile every bucket at start-up (False: on first use)
-    compile_workers: int = dataclasses.field(default_factory=lambda: default_compile_workers())
+    compile_workers: int = dataclasses.field(default_factory=default_compile_workers)
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> None:
