@@ -493,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     common.print_table(rows, COLUMNS)
     payload = _strict_json({
         "model": model, "random_weights": bool(args.model), "workload": args.workload,
-        "num_prompts": args.num_prompts, "max_concurrency": args.max_concurrency, "server_args": server_args, "url": args.url,
+        "num_prompts": args.num_prompts, "max_concurrency": args.max_concurrency,
+        "server_args": server_args, "url": args.url,
         "rows": rows, "requests": details})
     if args.json == "-":
         print(json.dumps(payload, allow_nan=False))

@@ -61,12 +61,6 @@ class EngineStats:
     prefix_cache_hits: int = 0     # of those, tokens found
 
 
-def _needs_history(params: SamplingParams) -> bool:
-    """Sampling that reads the generated tokens themselves (not just their count)."""
-    return (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
-            or params.repetition_penalty != 1.0)
-
-
 @dataclasses.dataclass
 class _Step:
     """A launched step: what was scheduled, who samples in which row, where the tokens go."""
@@ -281,7 +275,7 @@ class LLMEngine:
         return outputs
 
     def _can_overlap(self) -> bool:
-        return not any(_needs_history(seq.params) for seq in self.scheduler.running)
+        return not any(sampler.reads_output_tokens(seq.params) for seq in self.scheduler.running)
 
     # -- sequences -----------------------------------------------------------------------------
     def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
@@ -327,7 +321,7 @@ class LLMEngine:
         return sampler.RowSpec(params=params, seed=seq.seed, step_index=seq.num_output_tokens,
                                prompt_token_ids=seq.request.prompt_token_ids,
                                output_token_ids=(seq.output_token_ids  # O(len): only if read
-                                                 if _needs_history(params) else ()),
+                                                 if sampler.reads_output_tokens(params) else ()),
                                eos_token_ids=() if params.ignore_eos else seq.request.eos_token_ids)
 
     @staticmethod

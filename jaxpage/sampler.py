@@ -111,6 +111,12 @@ def _uses_filters(params: SamplingParams) -> bool:
     return not _is_greedy(params) and (params.top_k > 0 or params.top_p < 1.0)
 
 
+def reads_output_tokens(params: SamplingParams) -> bool:
+    """Whether sampling reads the generated tokens themselves (penalties), not just their count."""
+    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0)
+
+
 def _banned_ids(row: RowSpec) -> list[int]:
     if row.step_index >= row.params.min_tokens:
         return []
@@ -121,9 +127,7 @@ def _token_lists(row: RowSpec) -> tuple[list[int], list[int], list[int]]:
     """(prompt, output, banned) token lists the row's penalties and bans need on the device."""
     p = row.params
     prompt = list(row.prompt_token_ids) if p.repetition_penalty != 1.0 else []
-    uses_output = (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                   or p.frequency_penalty != 0.0)
-    output = list(row.output_token_ids) if uses_output else []  # copied only when read
+    output = list(row.output_token_ids) if reads_output_tokens(p) else []  # copied only when read
     return prompt, output, _banned_ids(row)
 
 

@@ -25,7 +25,6 @@ class Embedder(nnx.Module):
         return x * jnp.sqrt(jnp.float32(self.d_model)).astype(table.dtype)
 
 
-
 class RMSNorm(nnx.Module):
     """RMSNorm with Gemma's (1 + w) scale, computed in fp32."""
 
