@@ -54,17 +54,32 @@ def _rng_array(key, shape, dtype):
     return jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32).astype(dtype))(key)
 
 
-def make_problem(name, batch, q_len, ctx, hq, hkv, d, page_size, dtype, seed=0) -> Problem:
+def make_problem(name, batch, q_len, ctx, hq, hkv, d, page_size, dtype, seed=0,
+                 pool_pages: int = 0, spread: bool = False) -> Problem:
+    """`pool_pages`: pages per kv head in the K/V buffers (at least what the batch uses), to time
+    the kernel on an engine-sized pool; `spread`: the batch's pages scattered over all of it."""
     pages = ctx // page_size
     set_bytes = 2 * batch * ctx * hkv * d * jnp.dtype(dtype).itemsize
     num_sets = max(1, min(8, math.ceil(L2_ROTATE_BYTES / set_bytes)))
+    pool_pages = max(pool_pages, batch * pages + 1)
+    if pool_pages > batch * pages + 1:
+        num_sets = 1  # one engine-sized pool is far larger than the L2
     key = jax.random.key(seed)
     kvs = []
     for i in range(num_sets):
         kk, kv_, key = jax.random.split(jax.random.fold_in(key, i), 3)
-        shape = (hkv, batch * pages + 1, page_size, d)
-        k_pages, v_pages = _rng_array(kk, shape, dtype), _rng_array(kv_, shape, dtype)
-        table = np.random.default_rng(seed + i).permutation(np.arange(1, batch * pages + 1))
+        used = (hkv, batch * pages + 1, page_size, d)
+        k_pages, v_pages = _rng_array(kk, used, dtype), _rng_array(kv_, used, dtype)
+        page_rng = np.random.default_rng(seed + i)
+        table = page_rng.permutation(np.arange(1, batch * pages + 1))
+        if pool_pages > used[1]:
+            ids = (np.arange(used[1]) if not spread else np.concatenate(
+                [[0], 1 + page_rng.choice(pool_pages - 1, used[1] - 1, replace=False)]))
+            ids = jnp.asarray(ids.astype(np.int32))
+            grow = jax.jit(lambda p: jnp.zeros((hkv, pool_pages, page_size, d), dtype)
+                           .at[:, ids].set(p))
+            k_pages, v_pages = grow(k_pages), grow(v_pages)
+            table = np.asarray(ids)[table]
         table = jnp.asarray(table.reshape(batch, pages).astype(np.int32))
         tok = jnp.arange(ctx)
         rows = table[:, tok // page_size]  # [B, ctx]
@@ -390,6 +405,11 @@ def parse_args(argv):
                          "every size gets the full split/tile grid")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--soft-cap", type=float, default=50.0)
+    ap.add_argument("--pool-gib", type=float, default=0.0,
+                    help="decode: size each K/V page buffer to at least this many GiB, as an "
+                         "engine's pool is (Pallas switches to 64-bit offsets past 4 GiB)")
+    ap.add_argument("--pool-spread", action="store_true",
+                    help="with --pool-gib: scatter the batch's pages over the whole pool")
     return ap.parse_args(argv)
 
 
@@ -414,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for hq, hkv, d in heads:
         for b, ctx in sizes:
-            prob = make_problem(f"decode {b}x{ctx}", b, 1, ctx, hq, hkv, d, args.page_size, dtype)
+            pool = int(args.pool_gib * 2**30) // (hkv * args.page_size * d * 2)
+            prob = make_problem(f"decode {b}x{ctx}", b, 1, ctx, hq, hkv, d, args.page_size, dtype,
+                                pool_pages=pool, spread=args.pool_spread)
             sweep_here = args.sweep and d == 256 and (args.decode_sizes or (b, ctx) == (128, 4096))
             variants = decode_variants(prob, grid=bool(args.decode_sizes)) if sweep_here else {}
             rows += run_problem("decode", prob, decode_impls(prob, args.soft_cap, variants),
