@@ -224,7 +224,7 @@ def _step_memory(engine, batch: int) -> dict:
     runner = engine.runner
     exe = runner._executable("forward", (runner.bucket_for(batch), True))
     m = exe.memory_analysis()
-    kv = sum(k.nbytes + v.nbytes for k, v in runner.kv_caches)
+    kv = runner.kv_cache_bytes
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
               "temp_size_in_bytes")
     return {"kv_cache": kv / 2**30, **{f.removesuffix("_size_in_bytes"): getattr(m, f) / 2**30

@@ -8,6 +8,7 @@ kernel chosen by `metadata.backend`. Model code never sees which kernel that is.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -77,13 +78,42 @@ def _kernel(backend: str) -> Callable[..., jax.Array]:
     raise ValueError(f"unknown attention backend {backend!r}")
 
 
-def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
-             metadata: AttentionMetadata, group: str) -> tuple[jax.Array, jax.Array]:
+def max_cache_array_elements(backend: str) -> int | None:
+    """Largest KV page array the backend's kernels address well, if it has a limit.
+
+    The Pallas GPU (Triton) kernels compute gather offsets in 32 bits only for arrays under
+    2**31 elements (4 GiB of bf16); past that every offset is 64-bit and the decode kernel ran
+    29 % slower on the H200 (benchmarks/NOTES.md, session 5). Caches are split by kv head
+    to stay under it (kv_cache.init_kv_cache).
+    """
+    return 2**31 - 1 if backend == "pallas_gpu" else None
+
+
+def _head_ranges(pages) -> list[tuple[int, int]]:
+    """[start, stop) kv heads of each array of a layer's K (or V) pages: one array or a tuple
+    of head shards."""
+    sizes = [p.shape[0] for p in (pages if isinstance(pages, tuple) else (pages,))]
+    starts = np.cumsum([0] + sizes)
+    return list(zip(starts[:-1].tolist(), starts[1:].tolist()))
+
+
+def write_kv(k_pages, v_pages, k: jax.Array, v: jax.Array, metadata: AttentionMetadata,
+             group: str):
     """Scatter the step's new keys/values [T, Hkv, D] into their page slots.
 
-    On a GPU with the Pallas backend a row-copy kernel does it (measured 3-10x faster than the
-    XLA scatter); elsewhere an XLA scatter whose padding rows are dropped.
+    `k_pages`/`v_pages`: one [Hkv, P, ps, D] array each, or tuples of head shards (returned in
+    the same form). On a GPU with the Pallas backend a row-copy kernel does it (measured 3-10x
+    faster than the XLA scatter); elsewhere an XLA scatter whose padding rows are dropped.
     """
+    if isinstance(k_pages, tuple):
+        written = [_write_kv_array(kp, vp, k[:, a:b], v[:, a:b], metadata, group)
+                   for kp, vp, (a, b) in zip(k_pages, v_pages, _head_ranges(k_pages))]
+        return tuple(kp for kp, _ in written), tuple(vp for _, vp in written)
+    return _write_kv_array(k_pages, v_pages, k, v, metadata, group)
+
+
+def _write_kv_array(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
+                    metadata: AttentionMetadata, group: str) -> tuple[jax.Array, jax.Array]:
     table = metadata.block_tables[group]
     if metadata.backend == "pallas_gpu" and jax.default_backend() == "gpu":
         from jaxpage.pallas_kernels import gpu_write  # noqa: PLC0415
@@ -107,21 +137,28 @@ def paged_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    kv_cache: tuple[jax.Array, jax.Array],
+    kv_cache: tuple,
     metadata: AttentionMetadata,
     *,
     group: str,
     sm_scale: float,
     soft_cap: float | None = None,
     sliding_window: int | None = None,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+) -> tuple[jax.Array, tuple]:
     """Write k/v [T, Hkv, D] into the layer's pages, then attend q [T, Hq, D] over them.
 
-    Returns the attention output [T, Hq, D] and the updated (k_pages, v_pages).
+    `kv_cache` is (k_pages, v_pages): arrays [Hkv, P, ps, D] or tuples of head shards.
+    Returns the attention output [T, Hq, D] and the updated cache in the same form.
     """
     k_pages, v_pages = write_kv(*kv_cache, k, v, metadata, group)
-    out = _kernel(metadata.backend)(
-        q, k_pages, v_pages, metadata.kv_lens, metadata.block_tables[group],
-        metadata.query_start_loc, sm_scale=sm_scale, soft_cap=soft_cap,
-        sliding_window=sliding_window, max_query_len=metadata.max_query_len)
-    return out, (k_pages, v_pages)
+    kernel = functools.partial(
+        _kernel(metadata.backend), kv_lens=metadata.kv_lens,
+        block_tables=metadata.block_tables[group], query_start_loc=metadata.query_start_loc,
+        sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+        max_query_len=metadata.max_query_len)
+    if not isinstance(k_pages, tuple):
+        return kernel(q, k_pages, v_pages), (k_pages, v_pages)
+    group_size = q.shape[1] // k.shape[1]  # q heads per kv head
+    outs = [kernel(q[:, a * group_size:b * group_size], kp, vp)
+            for kp, vp, (a, b) in zip(k_pages, v_pages, _head_ranges(k_pages))]
+    return jnp.concatenate(outs, axis=1), (k_pages, v_pages)

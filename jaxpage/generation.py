@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpage import sampler
-from jaxpage.attention import AttentionMetadata, resolve_backend
+from jaxpage.attention import AttentionMetadata, max_cache_array_elements, resolve_backend
 from jaxpage.kv_cache import NULL_PAGE, init_kv_cache
 from jaxpage.pallas_kernels.reference import token_positions
 
@@ -108,7 +108,8 @@ def _generate(graphdef, state, prompt_tokens, prompt_lengths, key, settings, *, 
         batch, pages_per_seq)
     block_tables = {group: tables for group in config.layer_groups}
     caches = init_kv_cache(config, {g: 1 + batch * pages_per_seq for g in config.layer_groups},
-                           page_size, model.embedder.embedding[...].dtype)
+                           page_size, model.embedder.embedding[...].dtype,
+                           max_array_elements=max_cache_array_elements(backend))
 
     plan = sampler.SamplerPlan(num_rows=batch, filtering=filtering)
     row_keys = jax.random.split(key, batch)

@@ -3,6 +3,10 @@
 Layout of each array: [num_kv_heads, num_pages, page_size, head_dim]. Every layer of a layer group
 ("global" or "local") shares that group's page ids, so one block table per group serves all its
 layers. Page 0 of every group is the null page: padding writes land there and no sequence owns it.
+
+With `max_array_elements`, a layer whose K (or V) pages would exceed it is stored as a tuple of
+arrays that split the kv heads ("head shards", [Hkv / n, P, page_size, D] each), so that a kernel
+can address each one with 32-bit offsets. `jaxpage.attention` takes either form.
 """
 
 from __future__ import annotations
@@ -17,15 +21,33 @@ from jaxpage.models.config import GemmaConfig
 NULL_PAGE = 0
 
 
+def head_shards(num_kv_heads: int, elements_per_head: int, max_array_elements: int | None) -> int:
+    """Fewest arrays, each holding the same number of whole kv heads, that keep every array
+    within `max_array_elements` (all heads in one array when none is small enough or no limit)."""
+    if max_array_elements is None:
+        return 1
+    for n in range(1, num_kv_heads + 1):
+        if num_kv_heads % n == 0 and num_kv_heads // n * elements_per_head <= max_array_elements:
+            return n
+    return num_kv_heads
+
+
 def init_kv_cache(config: GemmaConfig, num_pages: Mapping[str, int], page_size: int,
                   dtype=jnp.bfloat16, sharding: jax.sharding.Sharding | None = None,
-                  ) -> list[tuple[jax.Array, jax.Array]]:
-    """Zeroed KV pages for every layer; `num_pages[group]` pages (null page included) per group."""
+                  max_array_elements: int | None = None) -> list:
+    """Zeroed KV pages for every layer; `num_pages[group]` pages (null page included) per group.
+
+    Each layer's (k, v) are arrays, or tuples of head shards where one array would exceed
+    `max_array_elements`.
+    """
     caches = []
     for layer_type in config.layer_types:
-        shape = (config.num_kv_heads, num_pages[layer_type], page_size, config.head_dim)
-        caches.append((jnp.zeros(shape, dtype, device=sharding),
-                       jnp.zeros(shape, dtype, device=sharding)))
+        per_head = num_pages[layer_type] * page_size * config.head_dim
+        n = head_shards(config.num_kv_heads, per_head, max_array_elements)
+        shape = (config.num_kv_heads // n, num_pages[layer_type], page_size, config.head_dim)
+        zeros = lambda: jnp.zeros(shape, dtype, device=sharding)  # noqa: E731
+        caches.append((zeros(), zeros()) if n == 1 else
+                      (tuple(zeros() for _ in range(n)), tuple(zeros() for _ in range(n))))
     return caches
 
 

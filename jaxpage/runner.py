@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpage import compat, sampler
-from jaxpage.attention import AttentionMetadata
+from jaxpage.attention import AttentionMetadata, max_cache_array_elements
 from jaxpage.executable_cache import ExecutableCache
 from jaxpage.kv_cache import init_kv_cache
 from jaxpage.models.gemma import Gemma, output_logits
@@ -110,9 +110,9 @@ def copy_pages(kv_caches, copies: jax.Array, layer_types: Seq[str], groups: Seq[
     """Copy-on-write: page copies[g, 0, i] -> copies[g, 1, i] in every layer of group g
     (padding copies are 0 -> 0, the null page onto itself)."""
     out = []
-    for (k, v), t in zip(kv_caches, layer_types):
+    for layer_cache, t in zip(kv_caches, layer_types):
         src, dst = copies[groups.index(t)]
-        out.append((k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])))
+        out.append(jax.tree.map(lambda pages: pages.at[:, dst].set(pages[:, src]), layer_cache))
     return out
 
 
@@ -137,7 +137,8 @@ class ModelRunner:
         self.backend = backend
         self.groups = self.config.layer_groups
         self.max_copies = max_copies
-        self.kv_caches = init_kv_cache(self.config, num_pages, page_size, kv_dtype)
+        self.kv_caches = init_kv_cache(self.config, num_pages, page_size, kv_dtype,
+                                       max_array_elements=max_cache_array_elements(backend))
         self.token_buckets = token_buckets(max_num_batched_tokens)
         self._forward: dict[tuple[int, bool], object] = {}
         self._sample: dict[sampler.SamplerPlan, object] = {}
@@ -203,6 +204,10 @@ class ModelRunner:
         base = {name for name, _, _ in self.row_layout(plan.num_rows).fields}
         return {n: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dt))
                 for n, shape, dt in sampler.array_specs(plan) if n not in base}
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(pages.nbytes for pages in jax.tree.leaves(self.kv_caches))
 
     def _variants(self) -> list[tuple[int, bool]]:
         variants = [(t, False) for t in self.token_buckets]

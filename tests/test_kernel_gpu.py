@@ -202,8 +202,10 @@ def test_a_step_needs_no_device_loop_outside_the_kernels(config_name):
         assert _loops_outside_kernels(jaxpr.jaxpr) == [], plan
 
 
-def _model_steps(config_name: str, backend: str, decode_steps: int = 3) -> np.ndarray:
-    """Logits of a tiny model: one mixed prefill step (2 prompts + padding rows), then decodes."""
+def _model_steps(config_name: str, backend: str, decode_steps: int = 3,
+                 max_array_elements: int | None = None) -> np.ndarray:
+    """Logits of a tiny model: one mixed prefill step (2 prompts + padding rows), then decodes.
+    `max_array_elements` splits the cache into head shards (kv_cache.init_kv_cache)."""
     from flax import nnx  # noqa: PLC0415 - model-level check only
 
     from jaxpage.kv_cache import init_kv_cache  # noqa: PLC0415
@@ -214,7 +216,8 @@ def _model_steps(config_name: str, backend: str, decode_steps: int = 3) -> np.nd
     graphdef, state = nnx.split(Gemma(config, dtype=jnp.float32, rngs=nnx.Rngs(0)))
     groups = sorted(set(config.layer_types))
     tables = jnp.asarray([[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]], jnp.int32)
-    caches = init_kv_cache(config, {g: 9 for g in groups}, 4, jnp.float32)
+    caches = init_kv_cache(config, {g: 9 for g in groups}, 4, jnp.float32,
+                           max_array_elements=max_array_elements)
 
     @jax.jit
     def step(state, caches, ids, pos, qsl, kv_lens):
@@ -244,6 +247,18 @@ def test_tiny_models_give_the_same_logits_through_the_gpu_kernel_as_through_xla(
     want, got = _model_steps(config_name, "xla"), _model_steps(config_name, "pallas_gpu")
     np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
     assert relative_error(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas_gpu"])
+def test_a_cache_split_into_head_shards_gives_the_same_logits(backend):
+    # Caches past the GPU kernels' 32-bit offsets are stored as arrays of whole kv heads.
+    from jaxpage.models.config import get_config  # noqa: PLC0415
+
+    one_head = 9 * 4 * get_config("gemma3-tiny").head_dim  # pages x page size x D
+    want = _model_steps("gemma3-tiny", backend)
+    got = _model_steps("gemma3-tiny", backend, max_array_elements=one_head)
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    assert relative_error(got, want) <= 1e-6
 
 
 def test_bad_inputs_raise_errors_naming_the_problem():
