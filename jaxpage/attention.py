@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpage.models.layers import rms_norm, rotate
 from jaxpage.pallas_kernels import reference
 
 BACKENDS = ("xla", "pallas_gpu", "pallas_tpu")
@@ -53,6 +54,26 @@ class AttentionMetadata:
         )
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QKTransform:
+    """What turns a layer's projected q and k [T, H, D] into attention inputs: RMSNorm per head
+    with Gemma's (1 + w) scale (skipped where the scale is None), then the rotary embedding by
+    the per-token angle tables of `models.layers.rope_tables`."""
+
+    cos: jax.Array                     # [T, D/2] fp32
+    sin: jax.Array                     # [T, D/2] fp32
+    q_scale: jax.Array | None = None   # [D]
+    k_scale: jax.Array | None = None   # [D]
+    eps: float = dataclasses.field(default=1e-6, metadata=dict(static=True))
+
+    def apply(self, x: jax.Array, scale: jax.Array | None) -> jax.Array:
+        """The transform of q (scale=q_scale) or k (scale=k_scale) [T, H, D], in plain JAX."""
+        if scale is not None:
+            x = rms_norm(x, scale, self.eps)
+        return rotate(x, self.cos, self.sin)
+
+
 def resolve_backend(name: str) -> str:
     """Map "auto" to the kernel of the default device's chip; validate explicit names."""
     if name == "auto":
@@ -89,6 +110,12 @@ def max_cache_array_elements(backend: str) -> int | None:
     return 2**31 - 1 if backend == "pallas_gpu" else None
 
 
+def uses_write_kernel(backend: str) -> bool:
+    """Whether K/V writes (and the q/k transform) run in the Pallas GPU write kernel: on a GPU
+    with that backend (off-GPU, interpret mode would be far slower than an XLA scatter)."""
+    return backend == "pallas_gpu" and jax.default_backend() == "gpu"
+
+
 def _head_ranges(pages) -> list[tuple[int, int]]:
     """[start, stop) kv heads of each array of a layer's K (or V) pages: one array or a tuple
     of head shards."""
@@ -106,20 +133,25 @@ def write_kv(k_pages, v_pages, k: jax.Array, v: jax.Array, metadata: AttentionMe
     faster than the XLA scatter); elsewhere an XLA scatter whose padding rows are dropped.
     """
     if isinstance(k_pages, tuple):
-        written = [_write_kv_array(kp, vp, k[:, a:b], v[:, a:b], metadata, group)
+        written = [_write_kv_array(kp, vp, k[:, a:b], v[:, a:b], metadata, group)[:2]
                    for kp, vp, (a, b) in zip(k_pages, v_pages, _head_ranges(k_pages))]
         return tuple(kp for kp, _ in written), tuple(vp for _, vp in written)
-    return _write_kv_array(k_pages, v_pages, k, v, metadata, group)
+    return _write_kv_array(k_pages, v_pages, k, v, metadata, group)[:2]
 
 
 def _write_kv_array(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
-                    metadata: AttentionMetadata, group: str) -> tuple[jax.Array, jax.Array]:
+                    metadata: AttentionMetadata, group: str, q: jax.Array | None = None,
+                    qk: QKTransform | None = None):
+    """write_kv for one array of pages; with `qk`, k is transformed before it is written and the
+    transformed q is returned too: (k_pages, v_pages, q)."""
     table = metadata.block_tables[group]
-    if metadata.backend == "pallas_gpu" and jax.default_backend() == "gpu":
+    if uses_write_kernel(metadata.backend):
         from jaxpage.pallas_kernels import gpu_write  # noqa: PLC0415
 
         return gpu_write.write_kv_pages(k_pages, v_pages, k, v, metadata.query_start_loc,
-                                        metadata.kv_lens, table)
+                                        metadata.kv_lens, table, q=q, qk=qk)
+    if qk is not None:
+        q, k = qk.apply(q, qk.q_scale), qk.apply(k, qk.k_scale)
     num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
     slots = reference.token_slots(metadata.query_start_loc, metadata.kv_lens, table, k.shape[0],
                                   page_size, distinct_padding_from=num_pages * page_size)
@@ -130,7 +162,7 @@ def _write_kv_array(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax
                                      unique_indices=True)
         return flat.reshape(pages.shape)
 
-    return scatter(k_pages, k), scatter(v_pages, v)
+    return scatter(k_pages, k), scatter(v_pages, v), q
 
 
 def paged_attention(
@@ -144,21 +176,30 @@ def paged_attention(
     sm_scale: float,
     soft_cap: float | None = None,
     sliding_window: int | None = None,
+    qk: QKTransform | None = None,
 ) -> tuple[jax.Array, tuple]:
     """Write k/v [T, Hkv, D] into the layer's pages, then attend q [T, Hq, D] over them.
 
     `kv_cache` is (k_pages, v_pages): arrays [Hkv, P, ps, D] or tuples of head shards.
+    `qk`: the norm and rotation q and k still need (the GPU write kernel applies it on the way).
     Returns the attention output [T, Hq, D] and the updated cache in the same form.
     """
-    k_pages, v_pages = write_kv(*kv_cache, k, v, metadata, group)
+    k_pages, v_pages = kv_cache
+    sharded = isinstance(k_pages, tuple)
     kernel = functools.partial(
         _kernel(metadata.backend), kv_lens=metadata.kv_lens,
         block_tables=metadata.block_tables[group], query_start_loc=metadata.query_start_loc,
         sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         max_query_len=metadata.max_query_len)
-    if not isinstance(k_pages, tuple):
-        return kernel(q, k_pages, v_pages), (k_pages, v_pages)
     group_size = q.shape[1] // k.shape[1]  # q heads per kv head
-    outs = [kernel(q[:, a * group_size:b * group_size], kp, vp)
-            for kp, vp, (a, b) in zip(k_pages, v_pages, _head_ranges(k_pages))]
-    return jnp.concatenate(outs, axis=1), (k_pages, v_pages)
+    outs, new_k, new_v = [], [], []
+    for kp, vp, (a, b) in zip(*((k_pages, v_pages) if sharded else ((k_pages,), (v_pages,))),
+                              _head_ranges(k_pages)):
+        kp, vp, qs = _write_kv_array(kp, vp, k[:, a:b], v[:, a:b], metadata, group,
+                                     q[:, a * group_size:b * group_size], qk)
+        outs.append(kernel(qs, kp, vp))
+        new_k.append(kp)
+        new_v.append(vp)
+    if not sharded:
+        return outs[0], (new_k[0], new_v[0])
+    return jnp.concatenate(outs, axis=1), (tuple(new_k), tuple(new_v))

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpage.attention import AttentionMetadata, paged_attention
+from jaxpage.attention import AttentionMetadata, QKTransform, paged_attention
 from jaxpage.models.config import GemmaConfig, LayerType
-from jaxpage.models.layers import Embedder, FeedForward, RMSNorm, normal_init, apply_rope
+from jaxpage.models.layers import Embedder, FeedForward, RMSNorm, normal_init, rope_tables
 
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: (k_pages, v_pages), each [Hkv, P, ps, D]
 
@@ -30,6 +30,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, eps=config.rms_norm_eps, dtype=dtype, rngs=rngs)
             self.k_norm = RMSNorm(hd, eps=config.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.use_qk_norm = config.use_qk_norm
+        self.norm_eps = config.rms_norm_eps
         self.layer_type = layer_type
         self.sm_scale = float(config.query_pre_attn_scalar) ** -0.5
         self.soft_cap = config.attn_logit_softcap
@@ -40,13 +41,13 @@ class Attention(nnx.Module):
                  metadata: AttentionMetadata) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         q = jnp.einsum("td,dnh->tnh", x, self.q_proj[...])
         k, v = jnp.einsum("td,cdnh->ctnh", x, self.kv_proj[...])
-        if self.use_qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, positions, base=self.rope_base, scale=self.rope_scale)
-        k = apply_rope(k, positions, base=self.rope_base, scale=self.rope_scale)
+        # qk-norm and RoPE, applied by the attention backend (a GPU kernel fuses them)
+        norms = (self.q_norm.scale[...], self.k_norm.scale[...]) if self.use_qk_norm else ()
+        qk = QKTransform(*rope_tables(positions, q.shape[-1], base=self.rope_base,
+                                      scale=self.rope_scale), *norms, eps=self.norm_eps)
         out, kv_cache = paged_attention(
             q, k, v, kv_cache, metadata, group=self.layer_type, sm_scale=self.sm_scale,
-            soft_cap=self.soft_cap, sliding_window=self.sliding_window)
+            soft_cap=self.soft_cap, sliding_window=self.sliding_window, qk=qk)
         return jnp.einsum("tnh,nhd->td", out, self.o_proj[...]), kv_cache
 
 

@@ -25,6 +25,13 @@ class Embedder(nnx.Module):
         return x * jnp.sqrt(jnp.float32(self.d_model)).astype(table.dtype)
 
 
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis with Gemma's (1 + w) scale, in fp32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
     """RMSNorm with Gemma's (1 + w) scale, computed in fp32."""
 
@@ -33,22 +40,30 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, *, base: float, scale: float = 1.0) -> jax.Array:
-    """Rotary embedding on [T, H, D] at absolute positions [T] (split-halves convention).
+def rope_tables(positions: jax.Array, head_dim: int, *, base: float, scale: float = 1.0,
+                ) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [T, D/2] fp32 of the rotary angles at absolute positions [T].
 
     Linear scaling divides positions by `scale` (Gemma 3 global layers of 4B/12B/27B use 8).
     """
-    inv_freq = 1.0 / (base ** (jnp.arange(0, x.shape[-1], 2, dtype=jnp.float32) / x.shape[-1]))
-    angle = (positions.astype(jnp.float32) / scale)[:, None] * inv_freq[None, :]  # [T, D/2]
-    sin, cos = jnp.sin(angle)[:, None, :], jnp.cos(angle)[:, None, :]
+    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angle = (positions.astype(jnp.float32) / scale)[:, None] * inv_freq[None, :]
+    return jnp.cos(angle), jnp.sin(angle)
+
+
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary embedding of [T, H, D] by the angles of `rope_tables` (split-halves convention)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, *, base: float, scale: float = 1.0) -> jax.Array:
+    """Rotary embedding on [T, H, D] at absolute positions [T]."""
+    return rotate(x, *rope_tables(positions, x.shape[-1], base=base, scale=scale))
 
 
 class FeedForward(nnx.Module):

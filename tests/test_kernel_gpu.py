@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from attention_cases import make_case, reference_attention, relative_error
-from jaxpage.attention import AttentionMetadata, write_kv
+from jaxpage.attention import AttentionMetadata, QKTransform, write_kv
+from jaxpage.models.layers import rope_tables
 from jaxpage.pallas_kernels import gpu
 from jaxpage.pallas_kernels.gpu_decode import DecodeConfig
 from jaxpage.pallas_kernels.gpu_prefill import PrefillConfig
@@ -155,6 +156,35 @@ def test_write_kernel_matches_the_xla_write_kv(path):
         np.testing.assert_array_equal(np.asarray(g)[:, 1:], np.asarray(w)[:, 1:])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+@pytest.mark.parametrize("norm", [False, True], ids=["rope", "norm+rope"])
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_write_kernel_norms_and_rotates_q_and_k_as_the_model_does(path, norm, dtype):
+    spec, max_query_len = PATHS[path]
+    case = new_case(23, spec, group=2, dtype=dtype)
+    rng = np.random.default_rng(24)
+    num_tokens = case.q.shape[0]
+    q_new, k_new, v_new = (jnp.asarray(rng.standard_normal((num_tokens, h, 32)), dtype)
+                           for h in (4, 2, 2))
+    cos, sin = rope_tables(jnp.asarray(rng.integers(0, 9000, num_tokens)), 32, base=10_000.0)
+    scales = [jnp.asarray(0.3 * rng.standard_normal(32), dtype) for _ in range(2)] if norm else []
+    qk = QKTransform(cos, sin, *scales, eps=1e-6)
+    md = AttentionMetadata(query_start_loc=jnp.asarray(case.query_start_loc),
+                           kv_lens=jnp.asarray(case.kv_lens),
+                           block_tables={"global": jnp.asarray(case.block_tables)},
+                           max_query_len=max_query_len)
+    pages = jnp.asarray(case.k_pages), jnp.asarray(case.v_pages)
+    want = (*write_kv(*pages, qk.apply(k_new, qk.k_scale), v_new, md, "global"),
+            qk.apply(q_new, qk.q_scale))
+    got = write_kv_pages(*pages, k_new, v_new, md.query_start_loc, md.kv_lens,
+                         md.block_tables["global"], q=q_new, qk=qk)
+    tol = TOLERANCE[dtype]  # unowned slots hold NaN in both; page 0 takes padding writes
+    for g, w in zip(got, want):
+        g, w = (np.asarray(a.astype(jnp.float32)) for a in (g, w))
+        g, w = (g[:, 1:], w[:, 1:]) if g.ndim == 4 else (g, w)
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol, equal_nan=True)
+
+
 def _loops_outside_kernels(jaxpr) -> list[str]:
     """Loop primitives (while, scan: both lower to an HLO while) in a jaxpr and its sub-jaxprs,
     not looking inside kernels."""
@@ -259,6 +289,21 @@ def test_a_cache_split_into_head_shards_gives_the_same_logits(backend):
     got = _model_steps("gemma3-tiny", backend, max_array_elements=one_head)
     np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
     assert relative_error(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("config_name", ["gemma2-tiny", "gemma3-tiny"])
+def test_the_write_kernel_path_gives_the_xla_logits_with_head_shards(config_name, monkeypatch):
+    # On a GPU the write kernel also norms and rotates q and k; here it runs interpreted.
+    from jaxpage import attention  # noqa: PLC0415
+    from jaxpage.models.config import get_config  # noqa: PLC0415
+
+    want = _model_steps(config_name, "xla")
+    monkeypatch.setattr(attention, "uses_write_kernel", lambda backend: backend == "pallas_gpu")
+    one_head = 9 * 4 * get_config(config_name).head_dim
+    for limit in (None, one_head):
+        got = _model_steps(config_name, "pallas_gpu", max_array_elements=limit)
+        np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+        assert relative_error(got, want) <= 1e-5
 
 
 def test_bad_inputs_raise_errors_naming_the_problem():
