@@ -21,15 +21,22 @@ from jaxpage.models.config import GemmaConfig
 NULL_PAGE = 0
 
 
+# Each head shard costs its own write and attention launches (and a concat of the outputs).
+# On the H200 (gemma3-4b, 64 x 2048, benchmarks/NOTES.md session 5) two shards beat one 64-bit
+# array (global attention 2 x 66 us vs 167 us) but four lost to it (step 6.45 vs 6.32 ms).
+MAX_HEAD_SHARDS = 2
+
+
 def head_shards(num_kv_heads: int, elements_per_head: int, max_array_elements: int | None) -> int:
-    """Fewest arrays, each holding the same number of whole kv heads, that keep every array
-    within `max_array_elements` (all heads in one array when none is small enough or no limit)."""
+    """Fewest arrays (at most MAX_HEAD_SHARDS), each holding the same number of whole kv heads,
+    that keep every array within `max_array_elements`; 1 when there is no limit or no such
+    split (the kernels then address one large array)."""
     if max_array_elements is None:
         return 1
-    for n in range(1, num_kv_heads + 1):
+    for n in range(1, min(num_kv_heads, MAX_HEAD_SHARDS) + 1):
         if num_kv_heads % n == 0 and num_kv_heads // n * elements_per_head <= max_array_elements:
             return n
-    return num_kv_heads
+    return 1
 
 
 def init_kv_cache(config: GemmaConfig, num_pages: Mapping[str, int], page_size: int,
