@@ -284,7 +284,7 @@ def write_kv_us(prob: Problem, overhead_s: float) -> dict:
         "xla_scatter": lambda kp, vp, k: write_kv(kp, vp, k, k, md, "global"),
         "xla_scatter_unique": lambda kp, vp, k: _write_kv_unique(kp, vp, k, k, md),
         "pallas_write": lambda kp, vp, k: write_kv_pages(kp, vp, k, k, md.query_start_loc,
-                                                         md.kv_lens, kv["block_tables"]),
+                                                         md.kv_lens, kv["block_tables"])[:2],
     }
     out = {}
     for name, write in ways.items():

@@ -1,8 +1,10 @@
 """The one backend-neutral paged attention entry point that model code calls.
 
-A layer hands over its new q/k/v for every packed token, its slice of the paged KV cache and the
-step's `AttentionMetadata`; this module writes the new keys/values into their pages and runs the
-kernel chosen by `metadata.backend`. Model code never sees which kernel that is.
+A layer hands over its new q/k/v for every packed token, the qk-norm and rotary embedding they
+still need (`QKTransform`), its slice of the paged KV cache and the step's `AttentionMetadata`;
+this module transforms q/k, writes the new keys/values into their pages and runs the kernel
+chosen by `metadata.backend` (on a GPU the write kernel applies the transform on the way).
+Model code never sees which kernel that is.
 """
 
 from __future__ import annotations
@@ -116,12 +118,19 @@ def uses_write_kernel(backend: str) -> bool:
     return backend == "pallas_gpu" and jax.default_backend() == "gpu"
 
 
-def _head_ranges(pages) -> list[tuple[int, int]]:
-    """[start, stop) kv heads of each array of a layer's K (or V) pages: one array or a tuple
-    of head shards."""
-    sizes = [p.shape[0] for p in (pages if isinstance(pages, tuple) else (pages,))]
-    starts = np.cumsum([0] + sizes)
-    return list(zip(starts[:-1].tolist(), starts[1:].tolist()))
+def _each_shard(k_pages, v_pages):
+    """(k array, v array, first kv head, end kv head) of each array of a layer's pages, which
+    are one array each or tuples of head shards."""
+    ks, vs = (k_pages, v_pages) if isinstance(k_pages, tuple) else ((k_pages,), (v_pages,))
+    start = 0
+    for kp, vp in zip(ks, vs, strict=True):
+        yield kp, vp, start, start + kp.shape[0]
+        start += kp.shape[0]
+
+
+def _same_form(like, arrays: list):
+    """`arrays` as a tuple of head shards if `like` is one, else the single array."""
+    return tuple(arrays) if isinstance(like, tuple) else arrays[0]
 
 
 def write_kv(k_pages, v_pages, k: jax.Array, v: jax.Array, metadata: AttentionMetadata,
@@ -132,11 +141,10 @@ def write_kv(k_pages, v_pages, k: jax.Array, v: jax.Array, metadata: AttentionMe
     the same form). On a GPU with the Pallas backend a row-copy kernel does it (measured 3-10x
     faster than the XLA scatter); elsewhere an XLA scatter whose padding rows are dropped.
     """
-    if isinstance(k_pages, tuple):
-        written = [_write_kv_array(kp, vp, k[:, a:b], v[:, a:b], metadata, group)[:2]
-                   for kp, vp, (a, b) in zip(k_pages, v_pages, _head_ranges(k_pages))]
-        return tuple(kp for kp, _ in written), tuple(vp for _, vp in written)
-    return _write_kv_array(k_pages, v_pages, k, v, metadata, group)[:2]
+    written = [_write_kv_array(kp, vp, k[:, a:b], v[:, a:b], metadata, group)
+               for kp, vp, a, b in _each_shard(k_pages, v_pages)]
+    return (_same_form(k_pages, [w[0] for w in written]),
+            _same_form(k_pages, [w[1] for w in written]))
 
 
 def _write_kv_array(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
@@ -184,22 +192,18 @@ def paged_attention(
     `qk`: the norm and rotation q and k still need (the GPU write kernel applies it on the way).
     Returns the attention output [T, Hq, D] and the updated cache in the same form.
     """
-    k_pages, v_pages = kv_cache
-    sharded = isinstance(k_pages, tuple)
     kernel = functools.partial(
         _kernel(metadata.backend), kv_lens=metadata.kv_lens,
         block_tables=metadata.block_tables[group], query_start_loc=metadata.query_start_loc,
         sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         max_query_len=metadata.max_query_len)
-    group_size = q.shape[1] // k.shape[1]  # q heads per kv head
-    outs, new_k, new_v = [], [], []
-    for kp, vp, (a, b) in zip(*((k_pages, v_pages) if sharded else ((k_pages,), (v_pages,))),
-                              _head_ranges(k_pages)):
-        kp, vp, qs = _write_kv_array(kp, vp, k[:, a:b], v[:, a:b], metadata, group,
-                                     q[:, a * group_size:b * group_size], qk)
-        outs.append(kernel(qs, kp, vp))
-        new_k.append(kp)
-        new_v.append(vp)
-    if not sharded:
-        return outs[0], (new_k[0], new_v[0])
-    return jnp.concatenate(outs, axis=1), (tuple(new_k), tuple(new_v))
+    g = q.shape[1] // k.shape[1]  # q heads per kv head
+    outs, ks, vs = [], [], []
+    for kp, vp, a, b in _each_shard(*kv_cache):
+        kp, vp, q_shard = _write_kv_array(kp, vp, k[:, a:b], v[:, a:b], metadata, group,
+                                          q[:, a * g:b * g], qk)
+        outs.append(kernel(q_shard, kp, vp))
+        ks.append(kp)
+        vs.append(vp)
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    return out, (_same_form(kv_cache[0], ks), _same_form(kv_cache[0], vs))

@@ -152,7 +152,7 @@ def test_write_kernel_matches_the_xla_write_kv(path):
     want = write_kv(*pages, k_new, v_new, md, "global")
     got = write_kv_pages(*pages, k_new, v_new, md.query_start_loc, md.kv_lens,
                          md.block_tables["global"])
-    for g, w in zip(got, want):  # page 0 (null page) takes padding writes in any order
+    for g, w in zip(got[:2], want):  # page 0 (null page) takes padding writes in any order
         np.testing.assert_array_equal(np.asarray(g)[:, 1:], np.asarray(w)[:, 1:])
 
 
