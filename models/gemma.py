@@ -15,7 +15,8 @@ from jaxpage.attention import AttentionMetadata, QKTransform, paged_attention
 from jaxpage.models.config import GemmaConfig, LayerType
 from jaxpage.models.layers import Embedder, FeedForward, RMSNorm, normal_init, rope_tables
 
-KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: (k_pages, v_pages), each [Hkv, P, ps, D]
+# per layer: (k_pages, v_pages), each [Hkv, P, ps, D] or a tuple of head shards (kv_cache.py)
+KVCache = list[tuple]
 
 
 class Attention(nnx.Module):
@@ -30,21 +31,21 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, eps=config.rms_norm_eps, dtype=dtype, rngs=rngs)
             self.k_norm = RMSNorm(hd, eps=config.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.use_qk_norm = config.use_qk_norm
-        self.norm_eps = config.rms_norm_eps
         self.layer_type = layer_type
         self.sm_scale = float(config.query_pre_attn_scalar) ** -0.5
         self.soft_cap = config.attn_logit_softcap
         self.sliding_window = config.window_of(layer_type)
         self.rope_base, self.rope_scale = config.rope_of(layer_type)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, kv_cache: tuple[jax.Array, jax.Array],
-                 metadata: AttentionMetadata) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    def __call__(self, x: jax.Array, positions: jax.Array, kv_cache: tuple,
+                 metadata: AttentionMetadata) -> tuple[jax.Array, tuple]:
         q = jnp.einsum("td,dnh->tnh", x, self.q_proj[...])
         k, v = jnp.einsum("td,cdnh->ctnh", x, self.kv_proj[...])
         # qk-norm and RoPE, applied by the attention backend (a GPU kernel fuses them)
-        norms = (self.q_norm.scale[...], self.k_norm.scale[...]) if self.use_qk_norm else ()
+        norms = dict(q_scale=self.q_norm.scale[...], k_scale=self.k_norm.scale[...],
+                     eps=self.q_norm.eps) if self.use_qk_norm else {}
         qk = QKTransform(*rope_tables(positions, q.shape[-1], base=self.rope_base,
-                                      scale=self.rope_scale), *norms, eps=self.norm_eps)
+                                      scale=self.rope_scale), **norms)
         out, kv_cache = paged_attention(
             q, k, v, kv_cache, metadata, group=self.layer_type, sm_scale=self.sm_scale,
             soft_cap=self.soft_cap, sliding_window=self.sliding_window, qk=qk)

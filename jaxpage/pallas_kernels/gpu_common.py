@@ -61,12 +61,15 @@ def dot_precision(dtype) -> jax.lax.Precision:
     return jax.lax.Precision.DEFAULT
 
 
-def load_rows(ref, rows: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """ref[rows, :] of a [N, D] ref as [len(rows), D]; rows where `mask` is False read 0.
+def load_rows(ref, rows: jax.Array, mask: jax.Array | None,
+              cols: jax.Array | None = None) -> jax.Array:
+    """ref[rows, cols] of a [N, D] ref as [len(rows), len(cols)] (cols: all D columns in order
+    by default); rows where `mask` is False read 0.
 
     mask=None: every row is valid (a plain gather, no predicates).
     """
-    cols = jnp.arange(ref.shape[1], dtype=jnp.int32)
+    if cols is None:
+        cols = jnp.arange(ref.shape[1], dtype=jnp.int32)
     if mask is None:
         return compat.triton_load(ref.at[rows[:, None], cols[None, :]])
     safe = jnp.where(mask, rows, 0)

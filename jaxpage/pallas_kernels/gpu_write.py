@@ -61,9 +61,7 @@ def _write_kernel(slot_ref, k_ref, v_ref, k_cache_in, v_cache_in, *refs, num_tok
 def _angle_rows(ref, t: jax.Array, ok: jax.Array, head_dim: int) -> jax.Array:
     """[len(t), D] of a [T, D/2] cos or sin table, each half repeated (both halves rotate by the
     same angles)."""
-    cols = jnp.arange(head_dim, dtype=jnp.int32) % (head_dim // 2)
-    safe = jnp.where(ok, t, 0)
-    return compat.triton_load(ref.at[safe[:, None], cols[None, :]], mask=ok[:, None], other=0)
+    return gc.load_rows(ref, t, ok, jnp.arange(head_dim, dtype=jnp.int32) % (head_dim // 2))
 
 
 def _norm_and_rotate(ref, rows: jax.Array, ok: jax.Array, cos: jax.Array, sin: jax.Array,
@@ -76,10 +74,8 @@ def _norm_and_rotate(ref, rows: jax.Array, ok: jax.Array, cos: jax.Array, sin: j
     d = ref.shape[1]
     cols = jnp.arange(d, dtype=jnp.int32)
     swapped = (cols + d // 2) % d
-    safe = jnp.where(ok, rows, 0)
     x = gc.load_rows(ref, rows, ok).astype(jnp.float32)
-    xs = compat.triton_load(ref.at[safe[:, None], swapped[None, :]], mask=ok[:, None],
-                            other=0).astype(jnp.float32)
+    xs = gc.load_rows(ref, rows, ok, swapped).astype(jnp.float32)
     if scale_ref is not None:
         r = jax.lax.rsqrt(jnp.sum(x * x, axis=1) / d + eps)[:, None]
         w = 1.0 + compat.triton_load(scale_ref.at[cols]).astype(jnp.float32)
