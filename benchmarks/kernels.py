@@ -248,25 +248,9 @@ def prefill_impls(prob: Problem, soft_cap: float, variants: dict) -> dict:
     return impls
 
 
-def _write_kv_unique(k_pages, v_pages, k, v, md):
-    """attention.write_kv with unique_indices=True on the scatter (padding rows collide only on
-    the null page, whose contents nobody reads) -- a candidate change, measured here."""
-    from jaxpage.pallas_kernels.reference import token_slots  # noqa: PLC0415
-
-    hkv, num_pages, page_size, d = k_pages.shape
-    slots = token_slots(md.query_start_loc, md.kv_lens, md.block_tables["global"], k.shape[0],
-                        page_size)
-    flat = (hkv, num_pages * page_size, d)
-    out = []
-    for pages, new in ((k_pages, k), (v_pages, v)):
-        pages = pages.reshape(flat).at[:, slots].set(new.swapaxes(0, 1), unique_indices=True)
-        out.append(pages.reshape(k_pages.shape))
-    return tuple(out)
-
-
 def write_kv_us(prob: Problem, overhead_s: float) -> dict:
-    """Device microseconds of one K/V page write of the step's new tokens, three ways: XLA
-    scatter (attention.write_kv), the same with unique_indices, our Pallas row-copy kernel.
+    """Device microseconds of one K/V page write of the step's new tokens, two ways: the XLA
+    scatter (attention.write_kv off the GPU path) and our Pallas row-copy kernel.
 
     Writes are chained in one call; the first copies the cache (no donation here), so the cost
     per write is (t(17 writes) - t(1 write)) / 16.
@@ -282,9 +266,9 @@ def write_kv_us(prob: Problem, overhead_s: float) -> dict:
                      kv["k_pages"].dtype)
     ways = {
         "xla_scatter": lambda kp, vp, k: write_kv(kp, vp, k, k, md, "global"),
-        "xla_scatter_unique": lambda kp, vp, k: _write_kv_unique(kp, vp, k, k, md),
-        "pallas_write": lambda kp, vp, k: write_kv_pages(kp, vp, k, k, md.query_start_loc,
-                                                         md.kv_lens, kv["block_tables"])[:2],
+        "pallas_write": lambda kp, vp, k: write_kv_pages(
+            kp, vp, jnp.concatenate([k, k], axis=1), md.query_start_loc, md.kv_lens,
+            kv["block_tables"], num_q_heads=0)[:2],
     }
     out = {}
     for name, write in ways.items():

@@ -1,9 +1,9 @@
 """The one backend-neutral paged attention entry point that model code calls.
 
-A layer hands over its new q/k/v for every packed token, the qk-norm and rotary embedding they
-still need (`QKTransform`), its slice of the paged KV cache and the step's `AttentionMetadata`;
-this module transforms q/k, writes the new keys/values into their pages and runs the kernel
-chosen by `metadata.backend` (on a GPU the write kernel applies the transform on the way).
+A layer hands over its q/k/v projection for every packed token (one array), the qk-norm and
+rotary embedding q and k still need (`QKTransform`), its slice of the paged KV cache and the
+step's `AttentionMetadata`; this module transforms q/k, writes the new keys/values into their
+pages and runs the kernel chosen by `metadata.backend` (on a GPU the write kernel applies the transform on the way).
 Model code never sees which kernel that is.
 """
 
@@ -133,6 +133,13 @@ def _same_form(like, arrays: list):
     return tuple(arrays) if isinstance(like, tuple) else arrays[0]
 
 
+def split_qkv(qkv: jax.Array, num_kv_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [T, Hq, D], k and v [T, Hkv, D] of a projection output [T, Hq + 2 * Hkv, D]."""
+    num_q_heads = qkv.shape[1] - 2 * num_kv_heads
+    return (qkv[:, :num_q_heads], qkv[:, num_q_heads:num_q_heads + num_kv_heads],
+            qkv[:, num_q_heads + num_kv_heads:])
+
+
 def write_kv(k_pages, v_pages, k: jax.Array, v: jax.Array, metadata: AttentionMetadata,
              group: str):
     """Scatter the step's new keys/values [T, Hkv, D] into their page slots.
@@ -141,23 +148,30 @@ def write_kv(k_pages, v_pages, k: jax.Array, v: jax.Array, metadata: AttentionMe
     the same form). On a GPU with the Pallas backend a row-copy kernel does it (measured 3-10x
     faster than the XLA scatter); elsewhere an XLA scatter whose padding rows are dropped.
     """
-    written = [_write_kv_array(kp, vp, k[:, a:b], v[:, a:b], metadata, group)
+    kv = jnp.concatenate([k, v], axis=1)
+    written = [_write_shard(kp, vp, kv, metadata, group, 0, (a, b))[:2]
                for kp, vp, a, b in _each_shard(k_pages, v_pages)]
     return (_same_form(k_pages, [w[0] for w in written]),
             _same_form(k_pages, [w[1] for w in written]))
 
 
-def _write_kv_array(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
-                    metadata: AttentionMetadata, group: str, q: jax.Array | None = None,
-                    qk: QKTransform | None = None):
-    """write_kv for one array of pages; with `qk`, k is transformed before it is written and the
-    transformed q is returned too: (k_pages, v_pages, q)."""
+def _write_shard(k_pages: jax.Array, v_pages: jax.Array, qkv: jax.Array,
+                 metadata: AttentionMetadata, group: str, num_q_heads: int,
+                 kv_heads: tuple[int, int], qk: QKTransform | None = None):
+    """Write kv heads kv_heads = (first, end) of `qkv` [T, Hq + 2 * Hkv, D] into one array of
+    pages; returns (k_pages, v_pages, q of those kv heads' q heads), q and k transformed by
+    `qk` first if given (q is None when num_q_heads is 0)."""
     table = metadata.block_tables[group]
     if uses_write_kernel(metadata.backend):
         from jaxpage.pallas_kernels import gpu_write  # noqa: PLC0415
 
-        return gpu_write.write_kv_pages(k_pages, v_pages, k, v, metadata.query_start_loc,
-                                        metadata.kv_lens, table, q=q, qk=qk)
+        return gpu_write.write_kv_pages(k_pages, v_pages, qkv, metadata.query_start_loc,
+                                        metadata.kv_lens, table, num_q_heads=num_q_heads,
+                                        kv_heads=kv_heads, qk=qk)
+    q, k, v = split_qkv(qkv, (qkv.shape[1] - num_q_heads) // 2)
+    first, end = kv_heads
+    g = num_q_heads // k.shape[1]
+    q, k, v = q[:, first * g:end * g], k[:, first:end], v[:, first:end]
     if qk is not None:
         q, k = qk.apply(q, qk.q_scale), qk.apply(k, qk.k_scale)
     num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
@@ -170,13 +184,11 @@ def _write_kv_array(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax
                                      unique_indices=True)
         return flat.reshape(pages.shape)
 
-    return scatter(k_pages, k), scatter(v_pages, v), q
+    return scatter(k_pages, k), scatter(v_pages, v), q if num_q_heads else None
 
 
 def paged_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
+    qkv: jax.Array,
     kv_cache: tuple,
     metadata: AttentionMetadata,
     *,
@@ -186,23 +198,28 @@ def paged_attention(
     sliding_window: int | None = None,
     qk: QKTransform | None = None,
 ) -> tuple[jax.Array, tuple]:
-    """Write k/v [T, Hkv, D] into the layer's pages, then attend q [T, Hq, D] over them.
+    """Write the new k/v of `qkv` into the layer's pages, then attend its q over them.
 
+    `qkv` [T, Hq + 2 * Hkv, D]: the layer's projection output, q heads then k heads then v heads
+    (one array, so a GPU write kernel reads all three from it without slicing).
     `kv_cache` is (k_pages, v_pages): arrays [Hkv, P, ps, D] or tuples of head shards.
     `qk`: the norm and rotation q and k still need (the GPU write kernel applies it on the way).
     Returns the attention output [T, Hq, D] and the updated cache in the same form.
     """
+    num_kv_heads = sum(b - a for *_, a, b in _each_shard(*kv_cache))
+    num_q_heads = qkv.shape[1] - 2 * num_kv_heads
+    if num_q_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(f"qkv {qkv.shape} does not hold q heads (a multiple of Hkv) plus k and "
+                         f"v for the cache's {num_kv_heads} kv heads")
     kernel = functools.partial(
         _kernel(metadata.backend), kv_lens=metadata.kv_lens,
         block_tables=metadata.block_tables[group], query_start_loc=metadata.query_start_loc,
         sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         max_query_len=metadata.max_query_len)
-    g = q.shape[1] // k.shape[1]  # q heads per kv head
     outs, ks, vs = [], [], []
     for kp, vp, a, b in _each_shard(*kv_cache):
-        kp, vp, q_shard = _write_kv_array(kp, vp, k[:, a:b], v[:, a:b], metadata, group,
-                                          q[:, a * g:b * g], qk)
-        outs.append(kernel(q_shard, kp, vp))
+        kp, vp, q = _write_shard(kp, vp, qkv, metadata, group, num_q_heads, (a, b), qk)
+        outs.append(kernel(q, kp, vp))
         ks.append(kp)
         vs.append(vp)
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)

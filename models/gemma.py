@@ -40,14 +40,15 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, kv_cache: tuple,
                  metadata: AttentionMetadata) -> tuple[jax.Array, tuple]:
         q = jnp.einsum("td,dnh->tnh", x, self.q_proj[...])
-        k, v = jnp.einsum("td,cdnh->ctnh", x, self.kv_proj[...])
+        kv = jnp.einsum("td,cdnh->tcnh", x, self.kv_proj[...])  # [T, (k, v), Hkv, D]
+        qkv = jnp.concatenate([q, kv.reshape(q.shape[0], -1, q.shape[2])], axis=1)
         # qk-norm and RoPE, applied by the attention backend (a GPU kernel fuses them)
         norms = dict(q_scale=self.q_norm.scale[...], k_scale=self.k_norm.scale[...],
                      eps=self.q_norm.eps) if self.use_qk_norm else {}
         qk = QKTransform(*rope_tables(positions, q.shape[-1], base=self.rope_base,
                                       scale=self.rope_scale), **norms)
         out, kv_cache = paged_attention(
-            q, k, v, kv_cache, metadata, group=self.layer_type, sm_scale=self.sm_scale,
+            qkv, kv_cache, metadata, group=self.layer_type, sm_scale=self.sm_scale,
             soft_cap=self.soft_cap, sliding_window=self.sliding_window, qk=qk)
         return jnp.einsum("tnh,nhd->td", out, self.o_proj[...]), kv_cache
 

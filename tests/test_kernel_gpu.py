@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from attention_cases import make_case, reference_attention, relative_error
-from jaxpage.attention import AttentionMetadata, QKTransform, write_kv
+from jaxpage.attention import AttentionMetadata, QKTransform, split_qkv, write_kv
 from jaxpage.models.layers import rope_tables
 from jaxpage.pallas_kernels import gpu
 from jaxpage.pallas_kernels.gpu_decode import DecodeConfig
@@ -144,14 +144,11 @@ def test_write_kernel_matches_the_xla_write_kv(path):
     rng = np.random.default_rng(22)
     k_new, v_new = (jnp.asarray(rng.standard_normal((case.q.shape[0], 2, 32)), jnp.float32)
                     for _ in range(2))
-    md = AttentionMetadata(query_start_loc=jnp.asarray(case.query_start_loc),
-                           kv_lens=jnp.asarray(case.kv_lens),
-                           block_tables={"global": jnp.asarray(case.block_tables)},
-                           max_query_len=max_query_len)
+    md = _global_metadata(case, max_query_len)
     pages = jnp.asarray(case.k_pages), jnp.asarray(case.v_pages)
     want = write_kv(*pages, k_new, v_new, md, "global")
-    got = write_kv_pages(*pages, k_new, v_new, md.query_start_loc, md.kv_lens,
-                         md.block_tables["global"])
+    got = write_kv_pages(*pages, jnp.concatenate([k_new, v_new], axis=1), md.query_start_loc,
+                         md.kv_lens, md.block_tables["global"], num_q_heads=0)
     for g, w in zip(got[:2], want):  # page 0 (null page) takes padding writes in any order
         np.testing.assert_array_equal(np.asarray(g)[:, 1:], np.asarray(w)[:, 1:])
 
@@ -163,23 +160,64 @@ def test_write_kernel_norms_and_rotates_q_and_k_as_the_model_does(path, norm, dt
     spec, max_query_len = PATHS[path]
     case = new_case(23, spec, group=2, dtype=dtype)
     rng = np.random.default_rng(24)
-    num_tokens = case.q.shape[0]
-    q_new, k_new, v_new = (jnp.asarray(rng.standard_normal((num_tokens, h, 32)), dtype)
-                           for h in (4, 2, 2))
-    cos, sin = rope_tables(jnp.asarray(rng.integers(0, 9000, num_tokens)), 32, base=10_000.0)
-    scales = [jnp.asarray(0.3 * rng.standard_normal(32), dtype) for _ in range(2)] if norm else []
-    qk = QKTransform(cos, sin, *scales, eps=1e-6)
-    md = AttentionMetadata(query_start_loc=jnp.asarray(case.query_start_loc),
-                           kv_lens=jnp.asarray(case.kv_lens),
-                           block_tables={"global": jnp.asarray(case.block_tables)},
-                           max_query_len=max_query_len)
+    qkv = jnp.asarray(rng.standard_normal((case.q.shape[0], 4 + 2 + 2, 32)), dtype)
+    q_new, k_new, v_new = split_qkv(qkv, 2)
+    qk = _random_qk_transform(rng, qkv.shape[0], norm, dtype)
+    md = _global_metadata(case, max_query_len)
     pages = jnp.asarray(case.k_pages), jnp.asarray(case.v_pages)
     want = (*write_kv(*pages, qk.apply(k_new, qk.k_scale), v_new, md, "global"),
             qk.apply(q_new, qk.q_scale))
-    got = write_kv_pages(*pages, k_new, v_new, md.query_start_loc, md.kv_lens,
-                         md.block_tables["global"], q=q_new, qk=qk)
-    tol = TOLERANCE[dtype]  # unowned slots hold NaN in both; page 0 takes padding writes
-    for g, w in zip(got, want):
+    got = write_kv_pages(*pages, qkv, md.query_start_loc, md.kv_lens, md.block_tables["global"],
+                         num_q_heads=4, qk=qk)
+    _assert_writes_match(got, want, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("kv_heads", [(0, 1), (1, 2)])
+def test_write_kernel_for_a_head_shard_takes_only_its_heads_from_qkv(kv_heads):
+    first, end = kv_heads
+    case = new_case(25, PATHS["prefill"][0], group=2, dtype=np.float32)
+    rng = np.random.default_rng(26)
+    qkv = jnp.asarray(rng.standard_normal((case.q.shape[0], 4 + 2 + 2, 32)), jnp.float32)
+    q_new, k_new, v_new = split_qkv(qkv, 2)
+    qk = _random_qk_transform(rng, qkv.shape[0], True, np.float32)
+    md = _global_metadata(case, PATHS["prefill"][1])
+    pages = jnp.asarray(case.k_pages), jnp.asarray(case.v_pages)
+    whole = write_kv(*pages, qk.apply(k_new, qk.k_scale), v_new, md, "global")
+    want = (*(p[first:end] for p in whole), qk.apply(q_new, qk.q_scale)[:, 2 * first:2 * end])
+    got = write_kv_pages(*(p[first:end] for p in pages), qkv, md.query_start_loc, md.kv_lens,
+                         md.block_tables["global"], num_q_heads=4, kv_heads=kv_heads, qk=qk)
+    _assert_writes_match(got, want, TOLERANCE[np.float32])
+
+
+def test_write_kernel_rejects_a_qkv_that_does_not_fit_the_pages():
+    case = new_case(27, PATHS["decode"][0], group=2, dtype=np.float32)
+    md = _global_metadata(case, 1)
+    pages = jnp.asarray(case.k_pages), jnp.asarray(case.v_pages)
+    qkv = jnp.zeros((case.q.shape[0], 4 + 2 + 2, 32), jnp.float32)
+    args = (md.query_start_loc, md.kv_lens, md.block_tables["global"])
+    with pytest.raises(ValueError, match="num_q_heads=3"):
+        write_kv_pages(*pages, qkv, *args, num_q_heads=3)
+    with pytest.raises(ValueError, match="kv_heads=.1, 2."):  # 2 heads of pages, 1 named
+        write_kv_pages(*pages, qkv, *args, num_q_heads=4, kv_heads=(1, 2))
+
+
+def _random_qk_transform(rng, num_tokens: int, norm: bool, dtype) -> QKTransform:
+    cos, sin = rope_tables(jnp.asarray(rng.integers(0, 9000, num_tokens)), 32, base=10_000.0)
+    scales = [jnp.asarray(0.3 * rng.standard_normal(32), dtype) for _ in range(2)] if norm else []
+    return QKTransform(cos, sin, *scales, eps=1e-6)
+
+
+def _global_metadata(case, max_query_len: int) -> AttentionMetadata:
+    return AttentionMetadata(query_start_loc=jnp.asarray(case.query_start_loc),
+                             kv_lens=jnp.asarray(case.kv_lens),
+                             block_tables={"global": jnp.asarray(case.block_tables)},
+                             max_query_len=max_query_len)
+
+
+def _assert_writes_match(got, want, tol: float) -> None:
+    """(k_pages, v_pages, q) equal; unowned slots hold NaN in both, and page 0 (the null page)
+    takes padding writes in any order."""
+    for g, w in zip(got, want, strict=True):
         g, w = (np.asarray(a.astype(jnp.float32)) for a in (g, w))
         g, w = (g[:, 1:], w[:, 1:]) if g.ndim == 4 else (g, w)
         np.testing.assert_allclose(g, w, rtol=tol, atol=tol, equal_nan=True)

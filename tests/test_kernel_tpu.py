@@ -237,7 +237,8 @@ def test_paged_attention_entry_runs_the_kernel_under_jit():
         meta = AttentionMetadata.for_sequences(case.q_lens, case.kv_lens, tables, backend=backend)
         step = jax.jit(functools.partial(paged_attention, group="global", sm_scale=0.3,
                                          soft_cap=20.0, sliding_window=8))
-        outs[backend], _ = step(jnp.asarray(case.q), new_k, new_v, cache, meta)
+        qkv = jnp.concatenate([jnp.asarray(case.q), new_k, new_v], axis=1)
+        outs[backend], _ = step(qkv, cache, meta)
     np.testing.assert_allclose(outs["pallas_tpu"], outs["xla"], rtol=1e-5, atol=1e-6)
 
 

@@ -1,8 +1,8 @@
 """Pallas GPU (Triton lowering) kernel that writes a step's new K/V rows into their page slots.
 
 The same job as `jaxpage.attention.write_kv` (an XLA scatter), as a row-copy kernel: grid
-(token block, kv head), each program gathers `block_t` new rows of one kv head and stores them
-at their slots. The caches are aliased to the outputs, so with a donated cache it writes in
+(token block, kv head), each program gathers `block_t` new rows of one kv head from the layer's
+q/k/v projection output and stores them at their slots. The caches are aliased to the outputs, so with a donated cache it writes in
 place. Padding tokens go to slot 0 of the null page, as in write_kv.
 
 Given a layer's `QKTransform`, the same program also applies qk-norm and RoPE to the keys it
@@ -12,6 +12,7 @@ kernels of every layer (four small launches per layer in a Gemma 3 decode step).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -29,33 +30,64 @@ _BLOCK_T = 32
 _BLOCK_T_TRANSFORM = 2
 
 
-def _write_kernel(slot_ref, k_ref, v_ref, k_cache_in, v_cache_in, *refs, num_tokens: int,
-                  num_kv_heads: int, slots_per_head: int, block_t: int, transform: bool,
+def _write_kernel(slot_ref, qkv_ref, k_cache_in, v_cache_in, *refs, num_tokens: int,
+                  heads: "_Heads", slots_per_head: int, block_t: int, transform: bool,
                   norm: bool, eps: float):
     del k_cache_in, v_cache_in  # aliased to k_cache / v_cache
-    if transform:  # inputs q, cos, sin[, q_scale, k_scale]; outputs k_cache, v_cache, q_out
-        q_ref, cos_ref, sin_ref, *refs = refs
-        q_scale_ref, k_scale_ref, k_cache, v_cache, q_out = refs if norm else (None, None, *refs)
-    else:
-        k_cache, v_cache = refs
+    if transform:  # inputs cos, sin[, q_scale, k_scale]
+        cos_ref, sin_ref, *refs = refs
+        q_scale_ref, k_scale_ref, *refs = refs if norm else (None, None, *refs)
+    k_cache, v_cache, *q_out = refs
     block, kv_head = pl.program_id(0), pl.program_id(1)
     t = block * block_t + jnp.arange(block_t, dtype=jnp.int32)
     ok = t < num_tokens
     slot = compat.triton_load(slot_ref.at[jnp.where(ok, t, 0)], mask=ok, other=0)
-    src = t * num_kv_heads + kv_head
-    dst = kv_head * slots_per_head + slot
+    token_row = t * heads.per_token  # first row of each token in the flat [T * heads, D] view
+    k_rows, v_rows = token_row + heads.k_row(kv_head), token_row + heads.v_row(kv_head)
     if transform:
-        cos, sin = (_angle_rows(ref, t, ok, k_ref.shape[1]) for ref in (cos_ref, sin_ref))
-        k = _norm_and_rotate(k_ref, src, ok, cos, sin, k_scale_ref, eps)
-        group = q_ref.shape[0] // (num_tokens * num_kv_heads)
-        for g in range(group):  # the q heads that share this kv head
-            rows = (t * num_kv_heads + kv_head) * group + g
-            q = _norm_and_rotate(q_ref, rows, ok, cos, sin, q_scale_ref, eps)
-            gc.store_rows(q_out, rows, q, ok)
+        cos, sin = (_angle_rows(ref, t, ok, qkv_ref.shape[1]) for ref in (cos_ref, sin_ref))
+        k = _norm_and_rotate(qkv_ref, k_rows, ok, cos, sin, k_scale_ref, eps)
     else:
-        k = gc.load_rows(k_ref, src, ok)
+        k = gc.load_rows(qkv_ref, k_rows, ok)
+    for g in range(heads.group if q_out else 0):  # the q heads that share this kv head
+        q_rows = token_row + heads.q_row(kv_head, g)
+        if transform:
+            q = _norm_and_rotate(qkv_ref, q_rows, ok, cos, sin, q_scale_ref, eps)
+        else:
+            q = gc.load_rows(qkv_ref, q_rows, ok)
+        gc.store_rows(q_out[0], (t * heads.kv_count + kv_head) * heads.group + g, q, ok)
+    dst = kv_head * slots_per_head + slot
     gc.store_rows(k_cache, dst, k, ok)
-    gc.store_rows(v_cache, dst, gc.load_rows(v_ref, src, ok), ok)
+    gc.store_rows(v_cache, dst, gc.load_rows(qkv_ref, v_rows, ok), ok)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Heads:
+    """Where one call's heads sit among the per_token = Hq + 2 * Hkv heads of each token of a
+    [T, q heads | k heads | v heads, D] array: the call owns kv heads kv_first ... kv_first +
+    kv_count (one head shard of the cache) and the `group` q heads of each of them."""
+
+    num_q_heads: int
+    num_kv_heads: int
+    kv_first: int
+    kv_count: int
+
+    @property
+    def per_token(self) -> int:
+        return self.num_q_heads + 2 * self.num_kv_heads
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    def q_row(self, kv_head, g: int):
+        return (self.kv_first + kv_head) * self.group + g
+
+    def k_row(self, kv_head):
+        return self.num_q_heads + self.kv_first + kv_head
+
+    def v_row(self, kv_head):
+        return self.num_q_heads + self.num_kv_heads + self.kv_first + kv_head
 
 
 def _angle_rows(ref, t: jax.Array, ok: jax.Array, head_dim: int) -> jax.Array:
@@ -86,53 +118,62 @@ def _norm_and_rotate(ref, rows: jax.Array, ok: jax.Array, cos: jax.Array, sin: j
     return x * cos + (sign[None, :] * xs) * sin
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def write_kv_pages(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
+@functools.partial(jax.jit, static_argnames=("num_q_heads", "kv_heads", "interpret"))
+def write_kv_pages(k_pages: jax.Array, v_pages: jax.Array, qkv: jax.Array,
                    query_start_loc: jax.Array, kv_lens: jax.Array, block_table: jax.Array, *,
-                   q: jax.Array | None = None, qk=None, interpret: bool | None = None):
-    """Write k/v [T, Hkv, D] into the pages [Hkv, P, page_size, D]; returns the new pages.
+                   num_q_heads: int, kv_heads: tuple[int, int] | None = None, qk=None,
+                   interpret: bool | None = None):
+    """Write the new keys/values of `qkv` [T, Hq + 2 * Hkv, D] (q heads, then k heads, then v
+    heads) into the pages [kv_heads, P, page_size, D]; returns (k_pages, v_pages, q).
 
-    With `qk` (an attention.QKTransform) k is normed and rotated on its way into the pages and
-    q [T, Hq, D] likewise: returns (k_pages, v_pages, transformed q); without, (k_pages,
-    v_pages, q).
+    `kv_heads` = (first, end): the kv heads these pages hold (one head shard of a cache; default
+    all Hkv). q [T, (end - first) * Hq / Hkv, D] is the q heads of those kv heads, normed and
+    rotated along with k when `qk` (an attention.QKTransform) is given, else copied; None when
+    num_q_heads is 0. Reading the projection's one output array directly saves the separate
+    slices of q, k and v a split would cost (one XLA fusion each per layer).
     """
-    num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
-    num_tokens = k.shape[0]
-    if k.shape != (num_tokens, num_kv_heads, head_dim) or v.shape != k.shape:
-        raise ValueError(f"k and v must be [T, Hkv={num_kv_heads}, D={head_dim}]; got k {k.shape}, "
-                         f"v {v.shape}")
+    pages_heads, num_pages, page_size, head_dim = k_pages.shape
+    num_tokens, per_token = qkv.shape[:2]
+    num_kv_heads = (per_token - num_q_heads) // 2
+    first, end = kv_heads if kv_heads is not None else (0, num_kv_heads)
+    if (qkv.ndim != 3 or qkv.shape[2] != head_dim or num_kv_heads < 1
+            or per_token != num_q_heads + 2 * num_kv_heads or num_q_heads % num_kv_heads
+            or not 0 <= first < end <= num_kv_heads or end - first != pages_heads
+            or v_pages.shape != k_pages.shape):
+        raise ValueError(
+            f"qkv must be [T, num_q_heads={num_q_heads} + 2 * Hkv, D={head_dim}] with Hkv a "
+            f"divisor of the q heads and kv_heads={kv_heads} the {pages_heads} heads of the "
+            f"pages {k_pages.shape} / {v_pages.shape}; got qkv {qkv.shape}")
     if head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of two for the GPU kernel, got {head_dim}")
+    heads = _Heads(num_q_heads, num_kv_heads, first, end - first)
     transform = qk is not None
-    if transform and (q is None or q.shape[0] != num_tokens or q.shape[1] % num_kv_heads
-                      or q.shape[2] != head_dim):
-        raise ValueError(f"q must be [T={num_tokens}, a multiple of {num_kv_heads} heads, "
-                         f"D={head_dim}] to be transformed, got {None if q is None else q.shape}")
+    if transform and not num_q_heads:
+        raise ValueError("a QKTransform needs the q heads in qkv (num_q_heads > 0)")
     norm = transform and qk.q_scale is not None
     interpret = gc.interpret_mode() if interpret is None else interpret
     slots = reference.token_slots(query_start_loc, kv_lens, block_table, num_tokens, page_size)
-    flat = (num_kv_heads * num_pages * page_size, head_dim)
+    flat = (pages_heads * num_pages * page_size, head_dim)
     block_t = _BLOCK_T_TRANSFORM if transform else _BLOCK_T
-    kernel = functools.partial(_write_kernel, num_tokens=num_tokens, num_kv_heads=num_kv_heads,
+    kernel = functools.partial(_write_kernel, num_tokens=num_tokens, heads=heads,
                                slots_per_head=num_pages * page_size, block_t=block_t,
                                transform=transform, norm=norm, eps=qk.eps if transform else 0.0)
-    inputs = [slots, k.reshape(-1, head_dim).astype(k_pages.dtype),
-              v.reshape(-1, head_dim).astype(v_pages.dtype), k_pages.reshape(flat),
-              v_pages.reshape(flat)]
+    inputs = [slots, qkv.reshape(-1, head_dim), k_pages.reshape(flat), v_pages.reshape(flat)]
+    inputs += [qk.cos, qk.sin] if transform else []
+    inputs += [qk.q_scale, qk.k_scale] if norm else []
+    q_shape = (num_tokens, heads.kv_count * heads.group, head_dim)
     out_shape = [jax.ShapeDtypeStruct(flat, k_pages.dtype)] * 2
-    if transform:
-        inputs += [q.reshape(-1, head_dim), qk.cos, qk.sin]
-        inputs += [qk.q_scale, qk.k_scale] if norm else []
-        out_shape.append(jax.ShapeDtypeStruct((q.shape[0] * q.shape[1], head_dim), q.dtype))
+    if num_q_heads:
+        out_shape.append(jax.ShapeDtypeStruct((q_shape[0] * q_shape[1], head_dim), qkv.dtype))
     outs = pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(num_tokens, block_t), num_kv_heads),
+        grid=(pl.cdiv(num_tokens, block_t), heads.kv_count),
         out_shape=out_shape,
-        input_output_aliases={3: 0, 4: 1},
+        input_output_aliases={2: 0, 3: 1},
         compiler_params=compat.triton_compiler_params(num_warps=2 if transform else 4,
                                                       num_stages=1),
         interpret=interpret,
         name="jaxpage_write_kv" + ("_qk" if transform else ""),
     )(*inputs)
-    pages = outs[0].reshape(k_pages.shape), outs[1].reshape(v_pages.shape)
-    return (*pages, outs[2].reshape(q.shape) if transform else q)
+    q = outs[2].reshape(q_shape) if num_q_heads else None
+    return outs[0].reshape(k_pages.shape), outs[1].reshape(v_pages.shape), q
