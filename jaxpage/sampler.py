@@ -11,13 +11,14 @@ Semantics follow vLLM / OpenAI, in this order:
   2. min_tokens: while step_index < min_tokens, eos and stop token ids get -inf;
   3. temperature 0 (below GREEDY_EPS) -> argmax of the penalised logits; otherwise divide by the
      temperature, keep the tokens that pass min_p (p >= min_p * p_max), then top_k, then top_p
-     (on the distribution left by the previous filters), and draw with the Gumbel-max trick.
+     (on the distribution left by the previous filters), and draw by inverse transform
+     sampling: one uniform per row, found in the rows' cumulative softmax.
 Filters are value thresholds, so tokens tied at a boundary are all kept or all dropped: top_k
 keeps t iff fewer than k tokens have a larger logit; top_p keeps t iff the tokens strictly more
 likely than t hold less than top_p of the (filtered) mass.
 
 Randomness: row key = fold_in(jax.random.key(seed, impl="threefry2x32"), step_index), with the
-seed taken modulo 2**64, so a row's tokens depend only on its seed, its step and its logits, not
+seed taken modulo 2**64, and the row's uniform = jax.random.uniform(row key), so a row's tokens depend only on its seed, its step and its logits, not
 on the batch around it. Logprobs are those of the model's raw distribution (log_softmax of the
 logits before penalties, temperature and filters), as vLLM reports them.
 """
@@ -36,6 +37,7 @@ from jaxpage.sampling_params import MAX_LOGPROBS, SamplingParams
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
 MIN_TOKEN_LIST_BUCKET = 256
 BAN_ROOM = 256  # token-list slots past max_context for the ids min_tokens bans
+VOCAB_CHUNK = 2048  # tokens per chunk of the inverse-CDF draw's first level
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,11 +244,12 @@ def _apply_penalties(logits: jax.Array, arrays: dict[str, jax.Array]) -> jax.Arr
     return jnp.where(banned, -jnp.inf, logits)
 
 
-def _keep_threshold(scaled: jax.Array, arrays: dict[str, jax.Array],
+def _keep_threshold(scaled: jax.Array, peak: jax.Array, arrays: dict[str, jax.Array],
                     plan: SamplerPlan) -> jax.Array:
-    """[R, 1] lowest temperature-scaled logit that min_p, top_k and top_p keep."""
+    """[R, 1] lowest temperature-scaled logit that min_p, top_k and top_p keep (`peak`: the
+    rows' largest scaled logit, [R, 1])."""
     vocab = scaled.shape[1]
-    threshold = scaled.max(axis=1, keepdims=True) + jnp.log(arrays["min_p"])[:, None]
+    threshold = peak + jnp.log(arrays["min_p"])[:, None]
     if not plan.filtering:
         return threshold
     desc = jnp.flip(jnp.sort(scaled, axis=1), axis=1)
@@ -262,16 +265,76 @@ def _keep_threshold(scaled: jax.Array, arrays: dict[str, jax.Array],
     return jnp.maximum(threshold, nucleus)
 
 
-def filtered_logits(logits: jax.Array, arrays: dict[str, jax.Array],
-                    plan: SamplerPlan) -> jax.Array:
-    """f32[R, V] that each row draws from: penalised logits divided by the temperature (by 1 for
-    greedy rows), -inf where min_p, top_k or top_p drop the token."""
+def _temperature_divisor(arrays: dict[str, jax.Array]) -> jax.Array:
+    """[R, 1]: the rows' temperatures, 1 for greedy rows."""
+    temperature = arrays["temperature"]
+    return jnp.where(temperature < GREEDY_EPS, 1.0, temperature)[:, None]
+
+
+def _scaled_logits(logits: jax.Array, arrays: dict[str, jax.Array],
+                   plan: SamplerPlan) -> jax.Array:
+    """f32[R, V]: penalised logits divided by the temperature (by 1 for greedy rows)."""
     x = logits.astype(jnp.float32)
     if plan.penalty_len:
         x = _apply_penalties(x, arrays)
-    temperature = arrays["temperature"]
-    scaled = x / jnp.where(temperature < GREEDY_EPS, 1.0, temperature)[:, None]
-    return jnp.where(scaled >= _keep_threshold(scaled, arrays, plan), scaled, -jnp.inf)
+    return x / _temperature_divisor(arrays)
+
+
+def filtered_logits(logits: jax.Array, arrays: dict[str, jax.Array],
+                    plan: SamplerPlan) -> jax.Array:
+    """f32[R, V] that each row draws from: the scaled logits, -inf where min_p, top_k or top_p
+    drop the token."""
+    scaled = _scaled_logits(logits, arrays, plan)
+    threshold = _keep_threshold(scaled, scaled.max(axis=1, keepdims=True), arrays, plan)
+    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+
+def _max_and_first_index(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(max [R], index of the first max [R]) of f32[R, V] in one variadic reduction; NaN counts
+    as the largest, as in jnp.argmax."""
+    def pick(a, b):
+        (av, ai), (bv, bi) = a, b
+        a_nan, b_nan = jnp.isnan(av), jnp.isnan(bv)
+        same = (av == bv) | (a_nan & b_nan)
+        take_b = (b_nan & ~a_nan) | ((bv > av) & ~a_nan) | (same & (bi < ai))
+        return jnp.where(take_b, bv, av), jnp.where(take_b, bi, ai)
+
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
+    return jax.lax.reduce((x, index), (jnp.array(-jnp.inf, x.dtype), jnp.int32(0)), pick, (1,))
+
+
+def _vocab_chunks(x: jax.Array) -> jax.Array:
+    """f32[R, V] as [R, C, L] with L = min(V, VOCAB_CHUNK), padded with -inf past V."""
+    rows, vocab = x.shape
+    chunk = min(vocab, VOCAB_CHUNK)
+    pad = -vocab % chunk
+    x = jnp.pad(x, ((0, 0), (0, pad)), constant_values=-jnp.inf) if pad else x
+    return x.reshape(rows, -1, chunk)
+
+
+def _last_positive(w: jax.Array) -> jax.Array:
+    """[R]: index of the last positive entry of each row of [R, N] (entries are >= 0)."""
+    return w.shape[1] - 1 - jnp.argmax(w[:, ::-1] > 0, axis=1).astype(jnp.int32)
+
+
+def inverse_cdf_draw(filtered: jax.Array, peak: jax.Array, u: jax.Array) -> jax.Array:
+    """i32[R]: a draw from softmax(filtered) [R, V] per row by inverse transform sampling with the
+    rows' uniforms u [R] in [0, 1); `peak` [R] is the rows' maximum.
+
+    Two levels, so the vocabulary is read once: the mass of each chunk of VOCAB_CHUNK tokens
+    (one reduction), the chunk where the cumulative mass passes u * total, then the token inside
+    that chunk. Rounding can never pick a token of zero mass: both levels are clamped to the last
+    chunk / token with mass."""
+    chunks = _vocab_chunks(filtered)
+    peak = peak[:, None]
+    mass = jnp.exp(chunks - peak[:, :, None]).sum(axis=2)               # [R, C]
+    cumulative = jnp.cumsum(mass, axis=1)
+    target = u * cumulative[:, -1]
+    c = jnp.minimum(jnp.sum(cumulative <= target[:, None], axis=1), _last_positive(mass))
+    before = jnp.take_along_axis(cumulative - mass, c[:, None], axis=1)[:, 0]
+    weights = jnp.exp(jnp.take_along_axis(chunks, c[:, None, None], axis=1)[:, 0] - peak)
+    j = jnp.sum(jnp.cumsum(weights, axis=1) <= (target - before)[:, None], axis=1)
+    return c * chunks.shape[2] + jnp.minimum(j, _last_positive(weights))
 
 
 def sample_with_keys(logits: jax.Array, arrays: dict[str, jax.Array], plan: SamplerPlan,
@@ -281,14 +344,18 @@ def sample_with_keys(logits: jax.Array, arrays: dict[str, jax.Array], plan: Samp
     if num_rows != plan.num_rows:
         raise ValueError(f"logits have {num_rows} rows but plan.num_rows={plan.num_rows}")
     logits = logits.astype(jnp.float32)
-    filtered = filtered_logits(logits, arrays, plan)
-    # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits). Greedy rows skip
-    # the noise; the filters always keep the maximum, so their argmax is the penalised argmax.
-    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys)
-    greedy = (arrays["temperature"] < GREEDY_EPS)[:, None]
-    token_ids = jnp.argmax(jnp.where(greedy, filtered, filtered + gumbel), axis=1).astype(jnp.int32)
+    scaled = _scaled_logits(logits, arrays, plan)
+    peak, greedy_ids = _max_and_first_index(scaled)  # the filters always keep the maximum
+    filtered = jnp.where(scaled >= _keep_threshold(scaled, peak[:, None], arrays, plan), scaled,
+                         -jnp.inf)
+    u = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys)
+    token_ids = jnp.where(arrays["temperature"] < GREEDY_EPS, greedy_ids,
+                          inverse_cdf_draw(filtered, peak, u))
 
-    log_norm = jax.nn.logsumexp(logits, axis=1)
+    # log-normaliser of the raw logits; without penalties their max is the scaled one's times T
+    raw_peak = logits.max(axis=1) if plan.penalty_len else peak * _temperature_divisor(arrays)[:, 0]
+    log_norm = raw_peak + jnp.log(
+        jnp.exp(_vocab_chunks(logits) - raw_peak[:, None, None]).sum(axis=2).sum(axis=1))
     chosen = jnp.take_along_axis(logits, token_ids[:, None], axis=1)[:, 0] - log_norm
     if plan.num_logprobs:
         top_logits, top_ids = jax.lax.top_k(logits, plan.num_logprobs)

@@ -262,6 +262,45 @@ def test_logprobs_are_raw_log_softmax_and_top_ids_the_true_top_k():
     assert no_logprobs.top_ids.shape == (1, 0) and no_logprobs.top_logprobs.shape == (1, 0)
 
 
+LARGE_VOCAB = 3 * sampler.VOCAB_CHUNK + 5  # several draw chunks and a padded last one
+
+
+def test_inverse_cdf_draw_follows_the_distribution_across_chunks():
+    # Mass on a few tokens in the first, a middle and the last (padded) chunk; a stratified grid
+    # of uniforms must hit each token in proportion to its probability.
+    kept = np.array([3, sampler.VOCAB_CHUNK - 1, sampler.VOCAB_CHUNK, LARGE_VOCAB - 1])
+    x = np.full(LARGE_VOCAB, -np.inf, np.float32)
+    x[kept] = [1.0, 0.2, -0.5, 0.7]
+    n = 20_000
+    u = (np.arange(n) + 0.5) / n
+    filtered = jnp.asarray(np.broadcast_to(x, (n, LARGE_VOCAB)))
+    draws = np.asarray(sampler.inverse_cdf_draw(filtered, jnp.full((n,), 1.0), jnp.asarray(u)))
+    assert set(np.unique(draws)) <= set(kept.tolist())
+    np.testing.assert_allclose([np.mean(draws == k) for k in kept], np_softmax(x[kept]), atol=2e-4)
+
+
+def test_uniforms_at_the_ends_of_the_interval_pick_the_first_and_last_kept_tokens():
+    x = np.full((2, LARGE_VOCAB), -np.inf, np.float32)
+    x[:, [10, sampler.VOCAB_CHUNK + 7]] = [0.0, -1.0]  # -inf after the last one, and padding
+    u = jnp.asarray([0.0, np.nextafter(np.float32(1), np.float32(0))])
+    draws = sampler.inverse_cdf_draw(jnp.asarray(x), jnp.zeros(2), u)
+    np.testing.assert_array_equal(draws, [10, sampler.VOCAB_CHUNK + 7])
+
+
+def test_logprobs_over_several_chunks_with_and_without_penalties():
+    logits = random_logits(np.random.default_rng(32), 3, LARGE_VOCAB)
+    rows = [row(seed=1, temperature=0.0, logprobs=2),
+            row(seed=2, temperature=0.9, logprobs=2, presence_penalty=2.0, repetition_penalty=2.0,
+                output=[int(logits[1].argmax())]),  # the penalty lowers the raw maximum
+            row(seed=3, temperature=1.0, logprobs=2)]
+    log_softmax = np.log(np.stack([np_softmax(x) for x in logits]))
+    for plan_rows in (rows[:1] + rows[2:], rows):  # without and with a penalty plan
+        out = run(plan_rows, logits[:len(plan_rows)])
+        picked = log_softmax[np.arange(len(plan_rows)), out.token_ids]
+        np.testing.assert_allclose(out.logprobs, picked, atol=1e-4)
+        assert out.token_ids[0] == logits[0].argmax()
+
+
 def test_padded_rows_are_greedy_and_leave_real_rows_unchanged():
     rng = np.random.default_rng(9)
     logits = random_logits(rng, 2, 100)
