@@ -337,6 +337,20 @@ def inverse_cdf_draw(filtered: jax.Array, peak: jax.Array, u: jax.Array) -> jax.
     return c * chunks.shape[2] + jnp.minimum(j, _last_positive(weights))
 
 
+def top_k_rows(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """jax.lax.top_k(x, k) of f32[R, V] (ties: lower index first), as a top-k per vocabulary
+    chunk and then one over the chunks' candidates: XLA's top-k of whole 262k-token rows took
+    2.1 ms for 64 rows on the H200 (benchmarks/NOTES.md, session 6)."""
+    chunks = _vocab_chunks(x)
+    rows, num_chunks, chunk = chunks.shape
+    if num_chunks == 1 or chunk < k:
+        return jax.lax.top_k(x, k)
+    values, index = jax.lax.top_k(chunks, k)  # [R, C, k], each chunk's in index order on ties
+    index = index + (jnp.arange(num_chunks, dtype=index.dtype) * chunk)[None, :, None]
+    values, pick = jax.lax.top_k(values.reshape(rows, num_chunks * k), k)
+    return values, jnp.take_along_axis(index.reshape(rows, num_chunks * k), pick, axis=1)
+
+
 def sample_with_keys(logits: jax.Array, arrays: dict[str, jax.Array], plan: SamplerPlan,
                      keys: jax.Array) -> SamplerOutput:
     """`sample` with the rows' typed PRNG keys [R] given directly ("seed"/"step_index" unused)."""
@@ -358,7 +372,7 @@ def sample_with_keys(logits: jax.Array, arrays: dict[str, jax.Array], plan: Samp
         jnp.exp(_vocab_chunks(logits) - raw_peak[:, None, None]).sum(axis=2).sum(axis=1))
     chosen = jnp.take_along_axis(logits, token_ids[:, None], axis=1)[:, 0] - log_norm
     if plan.num_logprobs:
-        top_logits, top_ids = jax.lax.top_k(logits, plan.num_logprobs)
+        top_logits, top_ids = top_k_rows(logits, plan.num_logprobs)
         top_logprobs = top_logits - log_norm[:, None]
     else:
         top_ids = jnp.zeros((num_rows, 0), jnp.int32)

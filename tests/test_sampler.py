@@ -301,6 +301,16 @@ def test_logprobs_over_several_chunks_with_and_without_penalties():
         assert out.token_ids[0] == logits[0].argmax()
 
 
+@pytest.mark.parametrize("vocab", [300, LARGE_VOCAB])
+def test_top_k_rows_is_jax_top_k_with_ties_across_chunks(vocab):
+    x = np.random.default_rng(33).integers(-4, 4, (3, vocab)).astype(np.float32)  # many ties
+    x[1, -1] = x[1, 0] = 9.0  # a tie between the first and the last (padded) chunk
+    got = sampler.top_k_rows(jnp.asarray(x), MAX_LOGPROBS)
+    want = jax.lax.top_k(jnp.asarray(x), MAX_LOGPROBS)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
 def test_padded_rows_are_greedy_and_leave_real_rows_unchanged():
     rng = np.random.default_rng(9)
     logits = random_logits(rng, 2, 100)
