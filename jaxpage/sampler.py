@@ -18,9 +18,10 @@ keeps t iff fewer than k tokens have a larger logit; top_p keeps t iff the token
 likely than t hold less than top_p of the (filtered) mass.
 
 Randomness: row key = fold_in(jax.random.key(seed, impl="threefry2x32"), step_index), with the
-seed taken modulo 2**64, and the row's uniform = jax.random.uniform(row key), so a row's tokens depend only on its seed, its step and its logits, not
-on the batch around it. Logprobs are those of the model's raw distribution (log_softmax of the
-logits before penalties, temperature and filters), as vLLM reports them.
+seed taken modulo 2**64, and the row's uniform = jax.random.uniform(row key), so a row's tokens
+depend only on its seed, its step and its logits, not on the batch around it. Logprobs are
+those of the model's raw distribution (log_softmax of the logits before penalties, temperature
+and filters), as vLLM reports them.
 """
 
 from __future__ import annotations
@@ -285,8 +286,14 @@ def filtered_logits(logits: jax.Array, arrays: dict[str, jax.Array],
     """f32[R, V] that each row draws from: the scaled logits, -inf where min_p, top_k or top_p
     drop the token."""
     scaled = _scaled_logits(logits, arrays, plan)
-    threshold = _keep_threshold(scaled, scaled.max(axis=1, keepdims=True), arrays, plan)
-    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    return _filter(scaled, scaled.max(axis=1), arrays, plan)
+
+
+def _filter(scaled: jax.Array, peak: jax.Array, arrays: dict[str, jax.Array],
+            plan: SamplerPlan) -> jax.Array:
+    """The scaled logits with -inf where the filters drop the token (`peak`: the rows' max [R])."""
+    return jnp.where(scaled >= _keep_threshold(scaled, peak[:, None], arrays, plan), scaled,
+                     -jnp.inf)
 
 
 def _max_and_first_index(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -354,14 +361,13 @@ def top_k_rows(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 def sample_with_keys(logits: jax.Array, arrays: dict[str, jax.Array], plan: SamplerPlan,
                      keys: jax.Array) -> SamplerOutput:
     """`sample` with the rows' typed PRNG keys [R] given directly ("seed"/"step_index" unused)."""
-    num_rows, vocab = logits.shape
+    num_rows = logits.shape[0]
     if num_rows != plan.num_rows:
         raise ValueError(f"logits have {num_rows} rows but plan.num_rows={plan.num_rows}")
     logits = logits.astype(jnp.float32)
     scaled = _scaled_logits(logits, arrays, plan)
     peak, greedy_ids = _max_and_first_index(scaled)  # the filters always keep the maximum
-    filtered = jnp.where(scaled >= _keep_threshold(scaled, peak[:, None], arrays, plan), scaled,
-                         -jnp.inf)
+    filtered = _filter(scaled, peak, arrays, plan)
     u = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys)
     token_ids = jnp.where(arrays["temperature"] < GREEDY_EPS, greedy_ids,
                           inverse_cdf_draw(filtered, peak, u))
