@@ -3,8 +3,8 @@
 A layer hands over its q/k/v projection for every packed token (one array), the qk-norm and
 rotary embedding q and k still need (`QKTransform`), its slice of the paged KV cache and the
 step's `AttentionMetadata`; this module transforms q/k, writes the new keys/values into their
-pages and runs the kernel chosen by `metadata.backend` (on a GPU the write kernel applies the transform on the way).
-Model code never sees which kernel that is.
+pages and runs the kernel chosen by `metadata.backend` (on a GPU the write kernel applies the
+transform on the way). Model code never sees which kernel that is.
 """
 
 from __future__ import annotations
