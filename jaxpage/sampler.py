@@ -47,7 +47,7 @@ class SamplerPlan:
 
     num_rows:      rows of logits (a row bucket)
     num_logprobs:  0, or MAX_LOGPROBS when some row asks for top logprobs
-    filtering:     some sampled row uses top_k or top_p (needs a full sort of the vocabulary)
+    filtering:     some sampled row uses top_k or top_p (two threshold searches over the vocabulary)
     penalty_len:   0 when no row uses penalties or min_tokens bans, else the bucketed length of
                    the per-row token lists (prompt tokens, output tokens, banned ids)
     """
@@ -245,6 +245,47 @@ def _apply_penalties(logits: jax.Array, arrays: dict[str, jax.Array]) -> jax.Arr
     return jnp.where(banned, -jnp.inf, logits)
 
 
+def _ordered_keys(x: jax.Array) -> jax.Array:
+    """u32 keys of f32 values in the same order (-0.0 counted as +0.0): the sign bit flipped for
+    non-negative values, all bits flipped for negative ones."""
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _key_values(keys: jax.Array) -> jax.Array:
+    """The f32 values of `_ordered_keys`."""
+    bits = jnp.where(keys >> 31 == 1, keys ^ jnp.uint32(1 << 31), ~keys)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+_SEARCH_BITS = 4  # key bits one pass of `_largest_key_reaching` decides (15 candidates)
+
+
+def _largest_key_reaching(keys: jax.Array, weights: jax.Array | None,
+                          target: jax.Array) -> jax.Array:
+    """u32[R]: the largest key s with sum(weights[keys >= s]) >= target (per row; weights >= 0,
+    None counts tokens). It is the key of a token whenever target > 0 and the whole row reaches it.
+
+    A search from the top bit down, _SEARCH_BITS bits per pass: each pass sums the tails of all
+    its candidates in one variadic reduction, so the row is read 8 times -- in place of sorting
+    the vocabulary (2.2 ms for 64 x 262k on the H200, benchmarks/NOTES.md)."""
+    found = jnp.zeros(keys.shape[:1], jnp.uint32)
+    ones = None if weights is not None else jnp.ones((), jnp.int32)
+    for shift in range(32 - _SEARCH_BITS, -1, -_SEARCH_BITS):
+        candidates = [(found | jnp.uint32(j << shift))[:, None]
+                      for j in range(1, 1 << _SEARCH_BITS)]
+        tails = jax.lax.reduce(
+            tuple(jnp.where(keys >= c, ones if weights is None else weights, 0)
+                  for c in candidates),
+            tuple(jnp.zeros((), jnp.int32 if weights is None else weights.dtype)
+                  for _ in candidates),
+            lambda a, b: tuple(x + y for x, y in zip(a, b)), (1,))
+        # tails fall as j grows: the number of candidates still reaching the target is the digit
+        digit = sum((t >= target).astype(jnp.uint32) for t in tails)
+        found = found | (digit << shift)
+    return found
+
+
 def _keep_threshold(scaled: jax.Array, peak: jax.Array, arrays: dict[str, jax.Array],
                     plan: SamplerPlan) -> jax.Array:
     """[R, 1] lowest temperature-scaled logit that min_p, top_k and top_p keep (`peak`: the
@@ -253,17 +294,18 @@ def _keep_threshold(scaled: jax.Array, peak: jax.Array, arrays: dict[str, jax.Ar
     threshold = peak + jnp.log(arrays["min_p"])[:, None]
     if not plan.filtering:
         return threshold
-    desc = jnp.flip(jnp.sort(scaled, axis=1), axis=1)
-    top_k = arrays["top_k"][:, None]
+    keys = _ordered_keys(scaled)
+    top_k = arrays["top_k"]
+    # the k-th largest logit: the largest key that at least k tokens reach
     k = jnp.where(top_k <= 0, vocab, jnp.minimum(top_k, vocab))
-    threshold = jnp.maximum(threshold, jnp.take_along_axis(desc, k - 1, axis=1))
-    desc = jnp.where(desc >= threshold, desc, -jnp.inf)
-    inclusive = jnp.cumsum(jax.nn.softmax(desc, axis=1), axis=1)
-    top_p = arrays["top_p"][:, None]
-    # The first sorted position whose inclusive mass reaches top_p is the last one kept.
-    last = jnp.minimum(jnp.sum(inclusive < top_p, axis=1, keepdims=True), vocab - 1)
-    nucleus = jnp.where(top_p >= 1.0, -jnp.inf, jnp.take_along_axis(desc, last, axis=1))
-    return jnp.maximum(threshold, nucleus)
+    kth = _key_values(_largest_key_reaching(keys, None, k))[:, None]
+    threshold = jnp.maximum(threshold, kth)
+    # top_p keeps t iff the tokens above t hold less than top_p of the mass min_p and top_k
+    # left, i.e. t reaches the largest key whose tail still holds top_p of it
+    weights = jnp.where(scaled >= threshold, jnp.exp(scaled - peak), 0.0)
+    top_p = arrays["top_p"]
+    nucleus = _key_values(_largest_key_reaching(keys, weights, top_p * weights.sum(axis=1)))
+    return jnp.maximum(threshold, jnp.where(top_p >= 1.0, -jnp.inf, nucleus)[:, None])
 
 
 def _temperature_divisor(arrays: dict[str, jax.Array]) -> jax.Array:

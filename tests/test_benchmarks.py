@@ -5,7 +5,7 @@ import json
 import pytest
 
 from jaxpage.benchmarks import (coldstart, device_profile, hlo_layers, latency, long_context,
-                                roofline, sharing, throughput)
+                                roofline, sampler, sharing, throughput)
 
 
 @pytest.fixture(autouse=True)
@@ -110,6 +110,19 @@ def test_cold_start_is_faster_with_a_warm_compilation_cache(results_dir, tmp_pat
     assert cold["loaded"] == 0 and warm["compiled"] == 0 and warm["loaded"] == cold["compiled"]
     assert 0 < cold["first_token_s"] <= cold["wall_s"]
     assert cold["compile_by_kind"]["forward"]["count"] >= 1
+
+
+def test_sampler_times_every_plan_against_one_read_pass(results_dir):
+    sampler.main(["--rows", "4", "--vocab", "4100", "--reps", "2"])
+    rows = result(results_dir, "sampler")["rows"]
+    assert [r["case"] for r in rows] == ["one read pass (floor)", *sampler.CASES]
+    plans = {r["case"]: r["plan"] for r in rows}
+    assert plans["greedy"] == plans["temperature"] == "basic"
+    assert plans["top_p=0.9"] == "filtering" and plans["logprobs=5"] == "logprobs=20"
+    assert plans["penalties"].startswith("penalty_len=")
+    assert all(r["device_us"] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        sampler.main(["--cases", "nucleus"])
 
 
 def test_sharing_reports_prefix_hits_and_memory_saved_by_forks(results_dir):

@@ -157,6 +157,45 @@ def test_min_p_top_k_top_p_combined_match_numpy():
         np.testing.assert_array_equal(np.isfinite(out[r]), expected, err_msg=str(p))
 
 
+def np_keep_fast(scaled, *, top_k=0, top_p=1.0):
+    """np_keep for long rows: tails from one sort instead of a sum per token."""
+    keep = np.ones(len(scaled), bool)
+    if top_k:
+        keep &= len(scaled) - np.searchsorted(np.sort(scaled), scaled, side="right") < top_k
+    if top_p < 1.0:
+        q = np.where(keep, np_softmax(scaled), 0.0)
+        order = np.sort(q)  # ascending; mass strictly above q[t] = total - cumsum through q[t]
+        above = q.sum() - np.cumsum(order)[np.searchsorted(order, q, side="right") - 1]
+        keep &= above < top_p * q.sum()
+    return keep
+
+
+@pytest.mark.parametrize("vocab", [3000, 5003])
+def test_top_k_and_top_p_over_many_chunks_with_ties_bans_and_signed_zeros(vocab):
+    rng = np.random.default_rng(vocab)
+    logits = random_logits(rng, 6, vocab)
+    logits[1] = np.round(logits[1])               # heavy ties everywhere
+    logits[2, rng.choice(vocab, vocab // 2, replace=False)] = -np.inf  # half the row banned
+    logits[3] = np.where(rng.random(vocab) < 0.5, -0.0, 0.0)  # a flat row of signed zeros
+    logits[3, :5] = [3.0, 2.0, 2.0, 1.0, 1.0]
+    logits[4] *= 0.01                             # nearly flat: a nucleus of thousands of tokens
+    settings = [(40, 1.0), (0, 0.9), (1000, 0.95), (3, 0.5), (0, 0.95), (vocab, 0.3)]
+    rows = [row(seed=i, temperature=1.0, top_k=k, top_p=p) for i, (k, p) in enumerate(settings)]
+    out = filtered(rows, logits)
+    for r, (k, p) in enumerate(settings):
+        expected = np_keep_fast(logits[r], top_k=k, top_p=p)
+        np.testing.assert_array_equal(np.isfinite(out[r]), expected, err_msg=f"row {r}")
+    assert np.isfinite(out[4]).sum() > 1000
+
+
+def test_ordered_keys_sort_like_the_floats_and_map_back():
+    x = np.array([-np.inf, -3e38, -1.5, -1e-30, -0.0, 0.0, 1e-30, 2.5, 3e38, np.inf], np.float32)
+    keys = np.asarray(sampler._ordered_keys(jnp.asarray(x)))
+    assert (np.diff(keys.astype(np.int64)) >= 0).all() and keys[4] == keys[5]
+    np.testing.assert_array_equal(np.asarray(sampler._key_values(jnp.asarray(keys))),
+                                  np.where(x == 0, 0.0, x))
+
+
 def test_penalties_match_numpy_with_duplicate_tokens():
     rng = np.random.default_rng(6)
     logits = random_logits(rng, 4, 30)
@@ -368,7 +407,7 @@ def test_plans_that_do_not_fit_the_rows_are_rejected():
         _sample(jnp.zeros((3, 10)), device_arrays(SamplerPlan(2), []), SamplerPlan(2))
 
 
-def test_the_common_path_neither_sorts_nor_takes_top_k_of_the_vocabulary():
+def test_no_plan_sorts_and_only_logprobs_take_top_k_of_the_vocabulary():
     def walk(jaxpr):  # primitive names, nested jaxprs (jit, scan, ...) included
         for eqn in jaxpr.eqns:
             yield eqn.primitive.name
@@ -384,5 +423,5 @@ def test_the_common_path_neither_sorts_nor_takes_top_k_of_the_vocabulary():
         return set(walk(jaxpr.jaxpr))
 
     assert not {"sort", "top_k"} & primitives(SamplerPlan(4))
-    assert "sort" in primitives(SamplerPlan(4, filtering=True))
+    assert not {"sort", "top_k"} & primitives(SamplerPlan(4, filtering=True, penalty_len=256))
     assert "top_k" in primitives(SamplerPlan(4, num_logprobs=MAX_LOGPROBS))
