@@ -119,10 +119,10 @@ def launch_costs(engine, sched, reps: int = 20) -> dict:
         runner.kv_caches = out[2]
         return out
 
-    hidden, rows, _ = run_forward()
+    logits, rows, _ = run_forward()
     return {"pack_ms": host_ms(lambda: pack_decode(engine, sched) and None),
             "forward_call_ms": host_ms(run_forward),
-            "sample_call_ms": host_ms(lambda: sample(runner._embedding, hidden, rows, packed.extra)),
+            "sample_call_ms": host_ms(lambda: sample(logits, rows, packed.extra)),
             "launch_ms": host_ms(lambda: runner.launch(packed).output)}
 
 

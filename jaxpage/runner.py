@@ -6,8 +6,8 @@ Every bucket is compiled at start-up; serving never compiles. The model state is
 cache is passed explicitly and donated, so XLA updates it in place.
 
 A step is two executables fed by the same device buffer: `forward[T]` (model over the packed tokens,
-returns the hidden state of each sequence's last token) and `sample[S, plan]` (logits and on-device
-sampling). Only sampler inputs whose size depends on the plan (penalty token lists) travel in a
+returns the logits of each sampling row) and `sample[S, plan]` (on-device sampling: no weights, so
+its compiles never autotune a matmul). Only sampler inputs whose size depends on the plan (penalty token lists) travel in a
 second buffer, and only in steps where some request uses penalties.
 """
 
@@ -29,7 +29,7 @@ from jaxpage import compat, sampler
 from jaxpage.attention import AttentionMetadata, max_cache_array_elements
 from jaxpage.executable_cache import ExecutableCache
 from jaxpage.kv_cache import init_kv_cache
-from jaxpage.models.gemma import Gemma, output_logits
+from jaxpage.models.gemma import Gemma
 from jaxpage.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,6 @@ class ModelRunner:
         self.graphdef, state = nnx.split(model)
         # the executables take the state's leaves: one flat list is flattened fastest per call
         self._state_leaves, self._state_def = jax.tree.flatten(state)
-        self._embedding = model.embedder.embedding.get_value()  # what the sampler step reads
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
@@ -300,8 +299,7 @@ class ModelRunner:
                           jax.ShapeDtypeStruct((size,), jnp.int32),
                           jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32))
         plan, rows = key, self.row_layout(key.num_rows)
-        return (), (self._embedding,
-                    jax.ShapeDtypeStruct((plan.num_rows, self.config.d_model), self.act_dtype),
+        return (), (jax.ShapeDtypeStruct((plan.num_rows, self.config.vocab_size), jnp.float32),
                     jax.ShapeDtypeStruct((rows.size,), jnp.int32), self._extra_specs(plan))
 
     def _lower(self, kind: str, key):
@@ -370,17 +368,16 @@ class ModelRunner:
             model = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
             hidden, kv_caches = model(ids, f["positions"], kv_caches, meta)
             rows = packed[model_layout.size:]  # the sampler's per-row inputs, passed through
-            return hidden[f["logits_indices"]], rows, kv_caches
+            return model.logits(hidden[f["logits_indices"]]), rows, kv_caches
 
         return forward
 
     def _sample_fn(self, plan: sampler.SamplerPlan):
-        rows_layout, softcap = self.row_layout(plan.num_rows), self.config.final_logit_softcap
+        rows_layout = self.row_layout(plan.num_rows)
         pad = self.max_num_seqs - plan.num_rows
 
-        def sample(embedding, hidden_last, rows, extra):  # only the weights it reads
+        def sample(logits, rows, extra):
             arrays = rows_layout.unpack(rows) | dict(extra)
-            logits = output_logits(embedding, hidden_last, softcap)
             out = sampler.sample(logits, arrays, plan)
             return out, jnp.pad(out.token_ids, (0, pad))  # the next step's prev_tokens
 
@@ -440,10 +437,10 @@ class ModelRunner:
         if step.copies is not None:
             self.kv_caches = self._executable("copy", None)(self.kv_caches, step.copies)
         # host buffers go in as numpy arrays: the executable's own transfer is the cheapest
-        hidden_last, row_inputs, self.kv_caches = self._executable("forward", step.bucket)(
+        logits, row_inputs, self.kv_caches = self._executable("forward", step.bucket)(
             self._state_leaves, self.kv_caches, step.buffer, self._prev_tokens)
         out, self._prev_tokens = self._executable("sample", step.plan)(
-            self._embedding, hidden_last, row_inputs, step.extra)
+            logits, row_inputs, step.extra)
         return StepHandle(out, step.num_rows, step.plan.num_logprobs > 0)
 
     def collect(self, handle: "StepHandle") -> StepResult:

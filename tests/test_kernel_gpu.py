@@ -265,7 +265,7 @@ def test_a_step_needs_no_device_loop_outside_the_kernels(config_name):
     rows = runner.row_layout(8)
     for plan in sampler.all_plans([8], 64):
         jaxpr = jax.make_jaxpr(runner._sample_fn(plan))(
-            runner._embedding, jnp.zeros((8, model.config.d_model)), jnp.zeros(rows.size, jnp.int32),
+            jnp.zeros((8, model.config.vocab_size)), jnp.zeros(rows.size, jnp.int32),
             {k: jnp.zeros(v.shape, v.dtype) for k, v in runner._extra_specs(plan).items()})
         assert _loops_outside_kernels(jaxpr.jaxpr) == [], plan
 
