@@ -10,6 +10,10 @@ variants=(
   "command-buffers-off|--xla_gpu_enable_command_buffer="
   "command-buffers-min1|--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=1"
   "no-triton-gemm|--xla_gpu_enable_triton_gemm=false"
+  "cublaslt|--xla_gpu_enable_cublaslt=true"
+  "block-level-fusion|--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"
+  "triton-heroless-fusion|--xla_gpu_experimental_enable_triton_heroless_priority_fusion=true"
+  "triton-warp-specialization|--xla_gpu_experimental_enable_triton_warp_specialization=true"
   "dump-hlo|--xla_dump_to=/tmp/hlo-dump --xla_dump_hlo_module_re=.*forward.*"
 )
 for v in "${variants[@]}"; do

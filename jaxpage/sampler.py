@@ -47,7 +47,7 @@ class SamplerPlan:
 
     num_rows:      rows of logits (a row bucket)
     num_logprobs:  0, or MAX_LOGPROBS when some row asks for top logprobs
-    filtering:     some sampled row uses top_k or top_p (two threshold searches over the vocabulary)
+    filtering:     some sampled row uses top_k or top_p (two threshold searches of the vocabulary)
     penalty_len:   0 when no row uses penalties or min_tokens bans, else the bucketed length of
                    the per-row token lists (prompt tokens, output tokens, banned ids)
     """
@@ -258,31 +258,37 @@ def _key_values(keys: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-_SEARCH_BITS = 4  # key bits one pass of `_largest_key_reaching` decides (15 candidates)
+# key bits one pass of `_largest_key_reaching` decides (divides 32); on the H200, 2 bits (16
+# passes of 3 candidates) ran 1.05 ms at 64 x 262k and 4 bits 1.09 ms, compiling twice as long
+_SEARCH_BITS = 2
 
 
-def _largest_key_reaching(keys: jax.Array, weights: jax.Array | None,
-                          target: jax.Array) -> jax.Array:
-    """u32[R]: the largest key s with sum(weights[keys >= s]) >= target (per row; weights >= 0,
-    None counts tokens). It is the key of a token whenever target > 0 and the whole row reaches it.
+@jax.jit
+def _search_pass(keys: jax.Array, weights: jax.Array, target: jax.Array, found: jax.Array,
+                 shift: jax.Array) -> jax.Array:
+    """`found` [R] with the key bits at `shift` decided: the largest digit whose candidate's
+    tail still reaches the target. Jitted so that all passes share one trace."""
+    candidates = [(found | (jnp.uint32(j) << shift))[:, None]
+                  for j in range(1, 1 << _SEARCH_BITS)]
+    zero = jnp.zeros((), weights.dtype)
+    tails = jax.lax.reduce(tuple(jnp.where(keys >= c, weights, zero) for c in candidates),
+                           (zero,) * len(candidates),
+                           lambda a, b: tuple(x + y for x, y in zip(a, b)), (1,))
+    # tails fall as the digit grows: the count of candidates still reaching it is the digit
+    digit = sum((t >= target).astype(jnp.uint32) for t in tails)
+    return found | (digit << shift)
 
-    A search from the top bit down, _SEARCH_BITS bits per pass: each pass sums the tails of all
-    its candidates in one variadic reduction, so the row is read 8 times -- in place of sorting
-    the vocabulary (2.2 ms for 64 x 262k on the H200, benchmarks/NOTES.md)."""
+
+def _largest_key_reaching(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
+    """u32[R]: per row, the largest key s with sum(weights[keys >= s]) >= target, for keys and
+    weights >= 0 of shape [R, V]. It is the key of a token whenever 0 < target <= the row's sum.
+
+    A search from the top bit down, _SEARCH_BITS bits per pass, each pass one variadic
+    reduction over all its candidates (a chunked two-stage version was slower), in place of
+    sorting the vocabulary: 1.05 vs 2.2 ms for 64 x 262k on the H200 (benchmarks/NOTES.md)."""
     found = jnp.zeros(keys.shape[:1], jnp.uint32)
-    ones = None if weights is not None else jnp.ones((), jnp.int32)
     for shift in range(32 - _SEARCH_BITS, -1, -_SEARCH_BITS):
-        candidates = [(found | jnp.uint32(j << shift))[:, None]
-                      for j in range(1, 1 << _SEARCH_BITS)]
-        tails = jax.lax.reduce(
-            tuple(jnp.where(keys >= c, ones if weights is None else weights, 0)
-                  for c in candidates),
-            tuple(jnp.zeros((), jnp.int32 if weights is None else weights.dtype)
-                  for _ in candidates),
-            lambda a, b: tuple(x + y for x, y in zip(a, b)), (1,))
-        # tails fall as j grows: the number of candidates still reaching the target is the digit
-        digit = sum((t >= target).astype(jnp.uint32) for t in tails)
-        found = found | (digit << shift)
+        found = _search_pass(keys, weights, target, found, jnp.uint32(shift))
     return found
 
 
@@ -298,8 +304,8 @@ def _keep_threshold(scaled: jax.Array, peak: jax.Array, arrays: dict[str, jax.Ar
     top_k = arrays["top_k"]
     # the k-th largest logit: the largest key that at least k tokens reach
     k = jnp.where(top_k <= 0, vocab, jnp.minimum(top_k, vocab))
-    kth = _key_values(_largest_key_reaching(keys, None, k))[:, None]
-    threshold = jnp.maximum(threshold, kth)
+    kth = _key_values(_largest_key_reaching(keys, jnp.ones_like(keys, jnp.int32), k))
+    threshold = jnp.maximum(threshold, kth[:, None])
     # top_p keeps t iff the tokens above t hold less than top_p of the mass min_p and top_k
     # left, i.e. t reaches the largest key whose tail still holds top_p of it
     weights = jnp.where(scaled >= threshold, jnp.exp(scaled - peak), 0.0)
