@@ -6,9 +6,9 @@ Every bucket is compiled at start-up; serving never compiles. The model state is
 cache is passed explicitly and donated, so XLA updates it in place.
 
 A step is two executables fed by the same device buffer: `forward[T]` (model over the packed tokens,
-returns the logits of each sampling row) and `sample[S, plan]` (on-device sampling: no weights, so
-its compiles never autotune a matmul). Only sampler inputs whose size depends on the plan (penalty token lists) travel in a
-second buffer, and only in steps where some request uses penalties.
+returns the logits of each sampling row) and `sample[S, plan]` (on-device sampling of those logits;
+it holds no weights). Only sampler inputs whose size depends on the plan (penalty token lists)
+travel in a second buffer, and only in steps where some request uses penalties.
 """
 
 from __future__ import annotations
