@@ -2,8 +2,9 @@
 
 The same job as `jaxpage.attention.write_kv` (an XLA scatter), as a row-copy kernel: grid
 (token block, kv head), each program gathers `block_t` new rows of one kv head from the layer's
-q/k/v projection output and stores them at their slots. The caches are aliased to the outputs, so with a donated cache it writes in
-place. Padding tokens go to slot 0 of the null page, as in write_kv.
+q/k/v projection output and stores them at their slots. The caches are aliased to the outputs,
+so with a donated cache it writes in place. Padding tokens go to slot 0 of the null page, as in
+write_kv.
 
 Given a layer's `QKTransform`, the same program also applies qk-norm and RoPE to the keys it
 writes and to the q heads of its kv head, which saves the model the separate norm and rotation
