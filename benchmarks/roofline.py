@@ -102,7 +102,7 @@ def launch_costs(engine, sched, reps: int = 20) -> dict:
     runner = engine.runner
     packed = pack_decode(engine, sched)
     forward = runner._executable("forward", packed.bucket)
-    sample = runner._executable("sample", packed.plan)
+    sample = runner._executable("sample", (packed.plan, False))  # a decode step: no penalties
 
     def host_ms(call) -> float:
         times = []
@@ -122,7 +122,7 @@ def launch_costs(engine, sched, reps: int = 20) -> dict:
     logits, rows, _ = run_forward()
     return {"pack_ms": host_ms(lambda: pack_decode(engine, sched) and None),
             "forward_call_ms": host_ms(run_forward),
-            "sample_call_ms": host_ms(lambda: sample(logits, rows, packed.extra)),
+            "sample_call_ms": host_ms(lambda: sample(logits, rows, None)),
             "launch_ms": host_ms(lambda: runner.launch(packed).output)}
 
 

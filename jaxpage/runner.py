@@ -7,8 +7,9 @@ cache is passed explicitly and donated, so XLA updates it in place.
 
 A step is two executables fed by the same device buffer: `forward[T]` (model over the packed tokens,
 returns the logits of each sampling row) and `sample[S, plan]` (on-device sampling of those logits;
-it holds no weights). Only sampler inputs whose size depends on the plan (penalty token lists)
-travel in a second buffer, and only in steps where some request uses penalties.
+it holds no weights). In steps where some request uses penalties or min_tokens bans, a third,
+`penalise[S, L]`, applies them from token lists of bucketed length L that travel in a second
+buffer; keeping it apart lets one sampling executable serve every L.
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ class ModelRunner:
                                        max_array_elements=max_cache_array_elements(backend))
         self.token_buckets = token_buckets(max_num_batched_tokens)
         self._forward: dict[tuple[int, bool], object] = {}
-        self._sample: dict[sampler.SamplerPlan, object] = {}
+        self._sample: dict[tuple[sampler.SamplerPlan, bool], object] = {}
+        self._penalise: dict[tuple[int, int], object] = {}
         self._copy: dict[None, object] = {}  # the copy-on-write executable, run only when needed
         self._compile_workers = compile_workers
         self._variant_set = set(self._variants())
@@ -180,11 +182,11 @@ class ModelRunner:
                          f"{self.token_buckets[-1]}")
 
     def row_layout(self, num_rows: int) -> PackedLayout:
-        """Per-row sampler inputs whose size does not depend on the plan."""
+        """Per-row sampler inputs whose size does not depend on the plan (all but the penalty
+        token lists; fields a plan does not use stay zero)."""
         if num_rows in self._row_layouts:
             return self._row_layouts[num_rows]
-        plan = sampler.SamplerPlan(num_rows=num_rows, num_logprobs=0, filtering=False,
-                                   penalty_len=0)
+        plan = sampler.SamplerPlan(num_rows=num_rows, filtering=True)
         layout = PackedLayout(tuple((n, tuple(shape), np.dtype(dt).name)
                                     for n, shape, dt in sampler.array_specs(plan)))
         return self._row_layouts.setdefault(num_rows, layout)
@@ -198,9 +200,10 @@ class ModelRunner:
                 model_fields + self.row_layout(s).fields)
         return self._step_layouts[num_tokens_bucket]
 
-    def _extra_specs(self, plan: sampler.SamplerPlan) -> dict[str, jax.ShapeDtypeStruct]:
-        """Sampler inputs that only some plans have (penalty token lists)."""
-        base = {name for name, _, _ in self.row_layout(plan.num_rows).fields}
+    def _penalty_specs(self, num_rows: int, penalty_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Sampler inputs of the penalty step (those not in the row layout: the token lists)."""
+        base = {name for name, _, _ in self.row_layout(num_rows).fields}
+        plan = sampler.SamplerPlan(num_rows, penalty_len=penalty_len)
         return {n: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dt))
                 for n, shape, dt in sampler.array_specs(plan) if n not in base}
 
@@ -216,11 +219,13 @@ class ModelRunner:
 
     # -- compilation -----------------------------------------------------------------------------
     def executable_keys(self) -> list[tuple[str, object]]:
-        """(kind, key) of every executable serving may need: forward buckets, sampler plans and
-        the page copy."""
+        """(kind, key) of every executable serving may need: forward buckets, sampler plans,
+        penalty steps and the page copy."""
         seq_buckets = sorted({self.seq_bucket(t) for t in self.token_buckets})
+        plans = sampler.all_plans(seq_buckets, self.max_model_len)
         return [("forward", v) for v in self._variants()] + [
-            ("sample", p) for p in sampler.all_plans(seq_buckets, self.max_model_len)] + [
+            ("sample", k) for k in dict.fromkeys(map(_sample_key, plans))] + [
+            ("penalise", k) for k in dict.fromkeys(map(_penalise_key, plans)) if k] + [
             ("copy", None)]
 
     def compile_all(self) -> float:
@@ -248,9 +253,10 @@ class ModelRunner:
         self.executables_loaded += len(keys) - len(misses)
         self.executables_compiled += len(misses)
         self.compile_seconds = time.perf_counter() - t0
-        log.info("%d forward buckets and %d sampler plans ready in %.1f s: %d executables loaded "
-                 "from the executable cache, %d compiled (%s)", len(self._forward),
-                 len(self._sample), self.compile_seconds, len(keys) - len(misses), len(misses),
+        log.info("%d forward buckets, %d sampler plans and %d penalty steps ready in %.1f s: %d "
+                 "executables loaded from the executable cache, %d compiled (%s)",
+                 len(self._forward), len(self._sample), len(self._penalise),
+                 self.compile_seconds, len(keys) - len(misses), len(misses),
                  "executable cache on" if self._exe_cache else "executable cache off")
         return self.compile_seconds
 
@@ -286,7 +292,8 @@ class ModelRunner:
         return written
 
     def _table(self, kind: str) -> dict:
-        return {"forward": self._forward, "sample": self._sample, "copy": self._copy}[kind]
+        return {"forward": self._forward, "sample": self._sample, "penalise": self._penalise,
+                "copy": self._copy}[kind]
 
     def _args(self, kind: str, key) -> tuple[tuple[int, ...], tuple]:
         """(donated argument numbers, arguments to lower with) of one executable."""
@@ -298,18 +305,25 @@ class ModelRunner:
             return (1,), (self._state_leaves, self.kv_caches,
                           jax.ShapeDtypeStruct((size,), jnp.int32),
                           jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32))
-        plan, rows = key, self.row_layout(key.num_rows)
-        return (), (jax.ShapeDtypeStruct((plan.num_rows, self.config.vocab_size), jnp.float32),
-                    jax.ShapeDtypeStruct((rows.size,), jnp.int32), self._extra_specs(plan))
+        num_rows = key[0] if kind == "penalise" else key[0].num_rows
+        logits = jax.ShapeDtypeStruct((num_rows, self.config.vocab_size), jnp.float32)
+        if kind == "penalise":
+            return (), (logits, self._penalty_specs(*key))
+        rows = jax.ShapeDtypeStruct((self.row_layout(num_rows).size,), jnp.int32)
+        return (), (logits, rows, logits if key[1] else None)
 
-    def _lower(self, kind: str, key):
+    def _function(self, kind: str, key):
+        """The function the executable of `kind`/`key` compiles."""
         if kind == "copy":
             groups, types = self.groups, self.config.layer_types
-            fn = lambda kv, c: copy_pages(kv, c, types, groups)  # noqa: E731
-        else:
-            fn = self._forward_fn(*key) if kind == "forward" else self._sample_fn(key)
+            return lambda kv, c: copy_pages(kv, c, types, groups)
+        if kind == "penalise":
+            return sampler.penalise
+        return self._forward_fn(*key) if kind == "forward" else self._sample_fn(key[0])
+
+    def _lower(self, kind: str, key):
         donate, args = self._args(kind, key)
-        return jax.jit(fn, donate_argnums=donate).lower(*args)
+        return jax.jit(self._function(kind, key), donate_argnums=donate).lower(*args)
 
     def _cache_name(self, kind: str, key) -> str | None:
         return None if self._exe_cache is None else self._exe_cache.name(
@@ -376,9 +390,8 @@ class ModelRunner:
         rows_layout = self.row_layout(plan.num_rows)
         pad = self.max_num_seqs - plan.num_rows
 
-        def sample(logits, rows, extra):
-            arrays = rows_layout.unpack(rows) | dict(extra)
-            out = sampler.sample(logits, arrays, plan)
+        def sample(logits, rows, penalised):
+            out = sampler.sample(logits, rows_layout.unpack(rows), plan, penalised)
             return out, jnp.pad(out.token_ids, (0, pad))  # the next step's prev_tokens
 
         return sample
@@ -439,8 +452,10 @@ class ModelRunner:
         # host buffers go in as numpy arrays: the executable's own transfer is the cheapest
         logits, row_inputs, self.kv_caches = self._executable("forward", step.bucket)(
             self._state_leaves, self.kv_caches, step.buffer, self._prev_tokens)
-        out, self._prev_tokens = self._executable("sample", step.plan)(
-            logits, row_inputs, step.extra)
+        penalise = _penalise_key(step.plan)
+        penalised = self._executable("penalise", penalise)(logits, step.extra) if penalise else None
+        out, self._prev_tokens = self._executable("sample", _sample_key(step.plan))(
+            logits, row_inputs, penalised)
         return StepHandle(out, step.num_rows, step.plan.num_logprobs > 0)
 
     def collect(self, handle: "StepHandle") -> StepResult:
@@ -459,16 +474,30 @@ def _timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
+def _sample_key(plan: sampler.SamplerPlan) -> tuple[sampler.SamplerPlan, bool]:
+    """Key of the sampling executable of a plan: the plan without its token-list length, and
+    whether its rows draw from penalised logits."""
+    return dataclasses.replace(plan, penalty_len=0), plan.penalty_len > 0
+
+
+def _penalise_key(plan: sampler.SamplerPlan) -> tuple[int, int] | None:
+    """Key (rows, token-list length) of the penalty executable a plan needs, if any."""
+    return (plan.num_rows, plan.penalty_len) if plan.penalty_len else None
+
+
 def _compile_order(kind_key: tuple[str, object]) -> tuple:
     """Sort key that puts the longest compiles first: forward steps (largest bucket first), the
-    page copy, then sampler plans with the most features."""
+    page copy, sampler plans with the most features, then the penalty steps."""
     kind, key = kind_key
     if kind == "forward":
         return (0, -key[0], key[1])
     if kind == "copy":
         return (1,)
-    return (2, -(bool(key.filtering) + bool(key.num_logprobs) + bool(key.penalty_len)),
-            -key.num_rows, -key.penalty_len, key.num_logprobs)
+    if kind == "penalise":
+        return (3, -key[0], -key[1])
+    plan, penalised = key
+    return (2, -(bool(plan.filtering) + bool(plan.num_logprobs) + penalised), -plan.num_rows,
+            plan.num_logprobs)
 
 
 @dataclasses.dataclass

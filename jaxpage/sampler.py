@@ -220,8 +220,9 @@ def row_keys(seed: jax.Array, step_index: jax.Array) -> jax.Array:
     return jax.vmap(jax.random.fold_in)(keys, step_index.astype(jnp.uint32))
 
 
-def _apply_penalties(logits: jax.Array, arrays: dict[str, jax.Array]) -> jax.Array:
-    """Repetition, frequency and presence penalties and min_tokens bans from the token lists."""
+def penalise(logits: jax.Array, arrays: dict[str, jax.Array]) -> jax.Array:
+    """f32[R, V]: the logits after repetition, frequency and presence penalties and min_tokens
+    bans, read from the plan's token lists ("penalties", "token_lists", "token_list_ends")."""
     num_rows, vocab = logits.shape
     tokens, ends = arrays["token_lists"], arrays["token_list_ends"]
     pos = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
@@ -320,20 +321,20 @@ def _temperature_divisor(arrays: dict[str, jax.Array]) -> jax.Array:
     return jnp.where(temperature < GREEDY_EPS, 1.0, temperature)[:, None]
 
 
-def _scaled_logits(logits: jax.Array, arrays: dict[str, jax.Array],
-                   plan: SamplerPlan) -> jax.Array:
-    """f32[R, V]: penalised logits divided by the temperature (by 1 for greedy rows)."""
-    x = logits.astype(jnp.float32)
-    if plan.penalty_len:
-        x = _apply_penalties(x, arrays)
-    return x / _temperature_divisor(arrays)
+def _drawn_from(logits: jax.Array, arrays: dict[str, jax.Array], plan: SamplerPlan,
+                penalised: jax.Array | None) -> jax.Array | None:
+    """f32[R, V] logits the rows draw from when penalties apply (None when they do not)."""
+    if penalised is not None:
+        return penalised.astype(jnp.float32)
+    return penalise(logits.astype(jnp.float32), arrays) if plan.penalty_len else None
 
 
 def filtered_logits(logits: jax.Array, arrays: dict[str, jax.Array],
                     plan: SamplerPlan) -> jax.Array:
-    """f32[R, V] that each row draws from: the scaled logits, -inf where min_p, top_k or top_p
-    drop the token."""
-    scaled = _scaled_logits(logits, arrays, plan)
+    """f32[R, V] that each row draws from: the penalised logits divided by the temperature, -inf
+    where min_p, top_k or top_p drop the token."""
+    drawn = _drawn_from(logits, arrays, plan, None)
+    scaled = (logits.astype(jnp.float32) if drawn is None else drawn) / _temperature_divisor(arrays)
     return _filter(scaled, scaled.max(axis=1), arrays, plan)
 
 
@@ -407,13 +408,14 @@ def top_k_rows(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 def sample_with_keys(logits: jax.Array, arrays: dict[str, jax.Array], plan: SamplerPlan,
-                     keys: jax.Array) -> SamplerOutput:
+                     keys: jax.Array, penalised: jax.Array | None = None) -> SamplerOutput:
     """`sample` with the rows' typed PRNG keys [R] given directly ("seed"/"step_index" unused)."""
     num_rows = logits.shape[0]
     if num_rows != plan.num_rows:
         raise ValueError(f"logits have {num_rows} rows but plan.num_rows={plan.num_rows}")
     logits = logits.astype(jnp.float32)
-    scaled = _scaled_logits(logits, arrays, plan)
+    drawn = _drawn_from(logits, arrays, plan, penalised)
+    scaled = (logits if drawn is None else drawn) / _temperature_divisor(arrays)
     peak, greedy_ids = _max_and_first_index(scaled)  # the filters always keep the maximum
     filtered = _filter(scaled, peak, arrays, plan)
     u = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys)
@@ -421,7 +423,7 @@ def sample_with_keys(logits: jax.Array, arrays: dict[str, jax.Array], plan: Samp
                           inverse_cdf_draw(filtered, peak, u))
 
     # log-normaliser of the raw logits; without penalties their max is the scaled one's times T
-    raw_peak = logits.max(axis=1) if plan.penalty_len else peak * _temperature_divisor(arrays)[:, 0]
+    raw_peak = peak * _temperature_divisor(arrays)[:, 0] if drawn is None else logits.max(axis=1)
     log_norm = raw_peak + jnp.log(
         jnp.exp(_vocab_chunks(logits) - raw_peak[:, None, None]).sum(axis=2).sum(axis=1))
     chosen = jnp.take_along_axis(logits, token_ids[:, None], axis=1)[:, 0] - log_norm
@@ -434,6 +436,12 @@ def sample_with_keys(logits: jax.Array, arrays: dict[str, jax.Array], plan: Samp
     return SamplerOutput(token_ids, chosen, top_ids.astype(jnp.int32), top_logprobs)
 
 
-def sample(logits: jax.Array, arrays: dict[str, jax.Array], plan: SamplerPlan) -> SamplerOutput:
-    """Token ids (and raw logprobs) for logits f32[plan.num_rows, V] under the rows' settings."""
-    return sample_with_keys(logits, arrays, plan, row_keys(arrays["seed"], arrays["step_index"]))
+def sample(logits: jax.Array, arrays: dict[str, jax.Array], plan: SamplerPlan,
+           penalised: jax.Array | None = None) -> SamplerOutput:
+    """Token ids (and raw logprobs) for logits f32[plan.num_rows, V] under the rows' settings.
+
+    `penalised`: `penalise(logits, arrays)` when the caller computed it (the runner does, in an
+    executable of its own, so that one sampling executable serves every token-list length); the
+    rows then draw from it and the token lists are not read here."""
+    return sample_with_keys(logits, arrays, plan, row_keys(arrays["seed"], arrays["step_index"]),
+                            penalised)

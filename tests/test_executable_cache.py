@@ -184,12 +184,12 @@ def test_the_longest_compiles_are_lowered_first(exe_dir, lowered):
     make_engine("gemma2", **SMALL)
     kinds = [kind for kind, _ in lowered]
     forwards = [key for kind, key in lowered if kind == "forward"]
-    assert kinds == sorted(kinds, key=["forward", "copy", "sample"].index)
+    assert kinds == sorted(kinds, key=["forward", "copy", "sample", "penalise"].index)
     assert [t for t, _ in forwards] == sorted((t for t, _ in forwards), reverse=True)
     plain = [i for i, (kind, key) in enumerate(lowered) if kind == "sample" and not (
-        key.filtering or key.num_logprobs or key.penalty_len)]
+        key[0].filtering or key[0].num_logprobs or key[1])]
     assert plain and plain[0] > max(i for i, (kind, key) in enumerate(lowered)
-                                    if kind == "sample" and key.filtering and key.num_logprobs)
+                                    if kind == "sample" and key[0].filtering and key[0].num_logprobs)
 
 
 # -- what changes the key -------------------------------------------------------------------------
@@ -200,23 +200,24 @@ def test_a_larger_token_budget_reuses_every_executable_whose_inputs_did_not_chan
     engine.save_executables()
     runner = engine.runner
     # a new bucket (64), and a larger local-layer KV pool for every step and the page copy;
-    # the sampler plans see the same inputs and are loaded
+    # the sampler plans and penalty steps see the same inputs and are loaded
     assert set(lowered) == {("forward", (16, False)), ("forward", (32, False)),
                             ("forward", (64, False)), ("copy", None)}
-    assert runner.executables_loaded == len(runner._sample) == 8
+    # one row bucket: 2 x 2 x 2 sampler plans; one token-list length: one penalty step
+    assert runner.executables_loaded == len(runner._sample) + len(runner._penalise) == 8 + 1
     assert len(entries(copy_of_filled)) == len(runner.executable_keys()) + 3
 
 
 @pytest.mark.parametrize("change, reused", [
     (dict(sliding_window=4), set()),
     (dict(page_size=8, num_pages=48), set()),
-    (dict(kv_cache_dtype="bfloat16"), {"sample"}),  # the sampler never sees the KV cache
+    (dict(kv_cache_dtype="bfloat16"), {"sample", "penalise"}),  # they never see the KV cache
 ], ids=["model_config", "page_size", "kv_dtype"])
 def test_a_different_model_or_cache_layout_misses_every_executable_it_could_change(
         copy_of_filled, change, reused):
     runner = make_engine("gemma2", **(SMALL | change | {"precompile": False})).runner
     names = {kind: {runner._cache_name(k, key) for k, key in runner.executable_keys() if k == kind}
-             for kind in ("forward", "sample", "copy")}
+             for kind in ("forward", "sample", "penalise", "copy")}
     present = set(entries(copy_of_filled))
     assert {kind for kind, ns in names.items() if ns & present} == reused
     assert all(ns <= present for kind, ns in names.items() if kind in reused)

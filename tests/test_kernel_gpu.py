@@ -246,7 +246,6 @@ def test_a_step_needs_no_device_loop_outside_the_kernels(config_name):
     # launch wait for the step before it: model steps and samplers must be loop-free.
     from flax import nnx  # noqa: PLC0415 - model-level check only
 
-    from jaxpage import sampler  # noqa: PLC0415
     from jaxpage.models.config import get_config  # noqa: PLC0415
     from jaxpage.models.gemma import Gemma  # noqa: PLC0415
     from jaxpage.runner import ModelRunner  # noqa: PLC0415
@@ -262,12 +261,12 @@ def test_a_step_needs_no_device_loop_outside_the_kernels(config_name):
             jnp.zeros(runner.step_layout(bucket[0]).size, jnp.int32),
             jnp.zeros(8, jnp.int32))
         assert _loops_outside_kernels(jaxpr.jaxpr) == [], bucket
-    rows = runner.row_layout(8)
-    for plan in sampler.all_plans([8], 64):
-        jaxpr = jax.make_jaxpr(runner._sample_fn(plan))(
-            jnp.zeros((8, model.config.vocab_size)), jnp.zeros(rows.size, jnp.int32),
-            {k: jnp.zeros(v.shape, v.dtype) for k, v in runner._extra_specs(plan).items()})
-        assert _loops_outside_kernels(jaxpr.jaxpr) == [], plan
+    sampling = [(k, key) for k, key in runner.executable_keys() if k in ("sample", "penalise")]
+    assert {k for k, _ in sampling} == {"sample", "penalise"}
+    for kind, key in sampling:
+        args = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), runner._args(kind, key)[1])
+        jaxpr = jax.make_jaxpr(runner._function(kind, key))(*args)
+        assert _loops_outside_kernels(jaxpr.jaxpr) == [], key
 
 
 def _model_steps(config_name: str, backend: str, decode_steps: int = 3,

@@ -223,6 +223,22 @@ def test_penalties_change_the_greedy_choice():
     assert run(rows, logits).token_ids[0] == 2
 
 
+def test_penalties_applied_beforehand_sample_exactly_as_penalties_applied_inside():
+    # The runner applies penalties in an executable of its own and hands `sample` the result.
+    rng = np.random.default_rng(16)
+    logits = jnp.asarray(random_logits(rng, 4, 300))
+    rows = [row(seed=i, step=2, temperature=t, top_k=k, logprobs=2, prompt=[1, 2], output=[3, 4],
+                eos=(5,), min_tokens=3, repetition_penalty=1.4, frequency_penalty=0.5)
+            for i, (t, k) in enumerate([(0.0, 0), (0.8, 0), (1.0, 20), (0.6, 3)])]
+    plan = sampler.plan_for(rows, 4, MAX_CONTEXT)
+    arrays = device_arrays(plan, rows)
+    inside = _sample(logits, arrays, plan)
+    beforehand = jax.jit(sampler.sample, static_argnums=2)(
+        logits, arrays, plan, jax.jit(sampler.penalise)(logits, arrays))
+    for a, b in zip(jax.tree.leaves(inside), jax.tree.leaves(beforehand)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_min_tokens_bans_eos_and_stop_ids_until_reached():
     logits = np.array([[0.0, 9.0, 1.0, 8.0, 2.0]] * 3, np.float32)
     params = dict(temperature=0.0, min_tokens=2, stop_token_ids=[3])
