@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from jaxpage.benchmarks import (coldstart, device_profile, hlo_layers, latency, long_context,
-                                roofline, sampler, sharing, throughput)
+from jaxpage.benchmarks import (coldstart, device_profile, gemm, hlo_layers, latency,
+                                long_context, roofline, sampler, sharing, throughput)
 
 
 @pytest.fixture(autouse=True)
@@ -157,3 +157,20 @@ def test_contiguous_baseline_halves_its_batch_until_it_fits(monkeypatch):
     row = contiguous.run_contiguous(model, [(8, 4)] * 16, [[5] * 8] * 16,
                                     kv_budget_bytes=1 << 40, backend="xla", max_batch=16)
     assert tried == [16, 8, 4, 2] and row["batch"] == 2 and row["out_of_memory_at"] == [16, 8, 4]
+
+
+def test_gemm_times_xla_and_the_pallas_kernel_on_every_projection(results_dir):
+    gemm.main(["--models", "gemma2-tiny", "--m", "5", "--configs", "32x32x1,32x16x2x4",
+               "--reps", "2", "--rotate-mib", "0", "--bandwidth-mib", "4"])
+    rows = result(results_dir, "gemm")["rows"]
+    assert [r["proj"] for r in rows] == [*gemm.PROJECTIONS, "layer"]
+    assert [(r["K"], r["N"]) for r in rows[:4]] == [(64, 256), (128, 64), (64, 192), (96, 64)]
+    for r in rows[:4]:
+        assert r["xla_us"] > 0 and r["pallas_us"] > 0 and r["floor_us"] > 0
+        assert r["max_abs_diff_vs_f32"] < 0.05 and r["max_abs_diff_vs_xla"] < 0.05
+    assert rows[-1]["xla_us"] == sum(r["xla_us"] for r in rows[:4])
+    # the pruned sweep on the real shapes tiles every weight exactly
+    k, widths, _, _, _ = gemm.projection(gemm.get_config("gemma3-4b"), "qkv")
+    tiles = gemm.candidates(k, 4096, widths, 64, full=False)
+    assert tiles and all(all(w % bn == 0 for w in widths) and k % (bk * s) == 0
+                         for bn, bk, s in tiles)

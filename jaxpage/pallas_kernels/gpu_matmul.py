@@ -1,0 +1,136 @@
+"""Skinny GEMM x @ W for decode-sized M (experiment): a split-K Pallas kernel, Triton lowering.
+
+An experiment for the M <= 128 projections of a decode step, where XLA's autotuned GEMMs run
+well below HBM bandwidth (benchmarks/gemm.py compares the two); nothing in the model calls it.
+
+Layout: W is taken as the model stores it, contracted axis first, through free reshapes only:
+[K, N] (q_proj [d, Hq, D] -> [d, Hq*D]; o_proj [Hq, D, d] -> [Hq*D, d]; the FFW gating
+[d, 2, F] -> [d, 2F]; down [F, d]), or [G, K, Ng] (kv_proj [2, d, Hkv, D] -> [2, d, Hkv*D]:
+output columns g-major, i.e. einsum("mk,gkn->mgn") flattened), or a tuple of those, whose
+outputs are concatenated along N by one launch (q_proj and kv_proj give the model's q|k|v row).
+
+Grid (N // block_n, split_k): program (j, s) walks its K / split_k share in block_k steps with
+an fp32 accumulator. split_k == 1 writes x.dtype directly; split_k > 1 writes fp32 partials
+[split_k, M, N] that XLA sums afterwards. M is padded to a power of two >= 16 (Triton tiles).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from jaxpage import compat
+from jaxpage.pallas_kernels import gpu_common as gc
+
+MAX_M = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class _Segment:
+    """The programs of one weight: blocks [first, first + groups * blocks) of the N grid axis."""
+
+    first: int   # first program along N (also first output column // block_n)
+    groups: int  # G (1 for a [K, N] weight)
+    blocks: int  # N blocks per group
+
+
+def _weight_tile(w_ref, g, k, n, block_k: int, block_n: int) -> jax.Array:
+    if len(w_ref.shape) == 3:
+        return w_ref[g, pl.ds(k, block_k), pl.ds(n, block_n)]
+    return w_ref[pl.ds(k, block_k), pl.ds(n, block_n)]
+
+
+def _matmul_kernel(x_ref, *refs, segments: tuple[_Segment, ...], block_n: int, block_k: int,
+                   steps: int):
+    *w_refs, o_ref = refs
+    j, s = pl.program_id(0), pl.program_id(1)
+    k_first = s * (steps * block_k)
+    precision = gc.dot_precision(x_ref.dtype)
+
+    def run(w_ref, seg: _Segment):
+        local = j - seg.first
+        g = local // seg.blocks
+        n = pl.multiple_of((local % seg.blocks) * block_n, block_n)
+
+        def body(i, acc):
+            k = pl.multiple_of(k_first + i * block_k, block_k)
+            x = x_ref[:, pl.ds(k, block_k)]
+            w = _weight_tile(w_ref, g, k, n, block_k, block_n)
+            return acc + jax.lax.dot(x, w, precision=precision,
+                                     preferred_element_type=jnp.float32)
+
+        acc = jax.lax.fori_loop(0, steps, body,
+                                jnp.zeros((x_ref.shape[0], block_n), jnp.float32))
+        col = pl.multiple_of(j * block_n, block_n)  # = (first + g * blocks + n-block) * block_n
+        if len(o_ref.shape) == 3:
+            o_ref[s, :, pl.ds(col, block_n)] = acc
+        else:
+            o_ref[:, pl.ds(col, block_n)] = acc.astype(o_ref.dtype)
+
+    if len(segments) == 1:
+        run(w_refs[0], segments[0])
+        return
+    for w_ref, seg in zip(w_refs, segments):
+        mine = (j >= seg.first) & (j < seg.first + seg.groups * seg.blocks)
+        pl.when(mine)(functools.partial(run, w_ref, seg))
+
+
+def output_columns(w: jax.Array | Sequence[jax.Array]) -> int:
+    """N of x @ w for a weight (or tuple of weights) in the layouts this module takes."""
+    ws = (w,) if isinstance(w, jax.Array) else tuple(w)
+    return sum(a.shape[-1] * (a.shape[0] if a.ndim == 3 else 1) for a in ws)
+
+
+def skinny_matmul(x: jax.Array, w: jax.Array | Sequence[jax.Array], *, block_n: int = 64,
+                  block_k: int = 128, split_k: int = 1, num_warps: int = 4, num_stages: int = 3,
+                  interpret: bool | None = None) -> jax.Array:
+    """x [M, K] @ w -> [M, N] in x.dtype (fp32 accumulation); w: see the module docstring.
+
+    block_n must divide every weight's last axis, split_k * block_k must divide K; block sizes
+    are powers of two >= 16 (Triton dot tiles).
+    """
+    ws = (w,) if isinstance(w, jax.Array) else tuple(w)
+    m, k = x.shape
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"skinny_matmul is for 1 <= M <= {MAX_M} rows, got M={m}")
+    for b, name in ((block_n, "block_n"), (block_k, "block_k")):
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {b}")
+    if split_k < 1 or k % (split_k * block_k):
+        raise ValueError(f"split_k * block_k = {split_k} * {block_k} must divide K={k}")
+    segments, first = [], 0
+    for a in ws:
+        if a.ndim not in (2, 3) or a.shape[-2] != k or a.dtype != x.dtype:
+            raise ValueError(f"weight {a.shape} {a.dtype}: expected [K, N] or [G, K, N] with "
+                             f"K={k} and dtype {x.dtype}")
+        if a.shape[-1] % block_n:
+            raise ValueError(f"block_n={block_n} must divide the weight's N={a.shape[-1]}")
+        groups = a.shape[0] if a.ndim == 3 else 1
+        segments.append(_Segment(first, groups, a.shape[-1] // block_n))
+        first += groups * segments[-1].blocks
+    n = first * block_n
+    m_pad = max(16, gc.next_power_of_2(m))
+    x_in = jnp.pad(x, ((0, m_pad - m), (0, 0))) if m_pad != m else x
+    if split_k == 1:
+        out_shape = jax.ShapeDtypeStruct((m_pad, n), x.dtype)
+    else:
+        out_shape = jax.ShapeDtypeStruct((split_k, m_pad, n), jnp.float32)
+    kernel = functools.partial(_matmul_kernel, segments=tuple(segments), block_n=block_n,
+                               block_k=block_k, steps=k // (split_k * block_k))
+    out = pl.pallas_call(
+        kernel,
+        grid=(first, split_k),
+        out_shape=out_shape,
+        compiler_params=compat.triton_compiler_params(num_warps=num_warps,
+                                                      num_stages=num_stages),
+        interpret=gc.interpret_mode() if interpret is None else interpret,
+        name=f"jaxpage_gemm_n{block_n}_k{block_k}_s{split_k}",
+    )(x_in, *ws)
+    if split_k == 1:
+        return out[:m]
+    return out[:, :m].sum(axis=0).astype(x.dtype)
