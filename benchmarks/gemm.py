@@ -6,7 +6,8 @@
 Per model, the four projections of one decoder layer at M rows (the decode batch), weights in
 the model's layout: qkv = q_proj [d, Hq, D] and kv_proj [2, d, Hkv, D] into one [M, (Hq+2Hkv)D]
 output, o = o_proj [Hq, D, d], gate_up = gating [d, 2, F], down = [F, d]. XLA runs the model's
-own einsums (jitted: its split-K reduce and the q|kv concatenate are timed with it). The Pallas
+own einsums (jitted: its split-K reduce and the q|kv concatenate are timed with it); geglu is
+gate_up followed by GELU(gate) * up, against the fused `geglu_matmul`. The Pallas
 kernel runs a pruned sweep of (block_n, block_k, split_k) with 3 pipeline stages (`candidates`;
 --full: no pruning), then the best few again with 4 stages. Time per call is CUPTI kernel time
 of everything a jitted call launches, over R calls that each read another copy of the weights
@@ -28,9 +29,10 @@ import jax.numpy as jnp
 from jaxpage.benchmarks import common, kernels
 from jaxpage.models.config import get_config
 from jaxpage.pallas_kernels import gpu_common as gc
-from jaxpage.pallas_kernels.gpu_matmul import skinny_matmul
+from jaxpage.pallas_kernels.gpu_matmul import geglu_matmul, skinny_matmul
 
-PROJECTIONS = ("qkv", "o", "gate_up", "down")
+PROJECTIONS = ("qkv", "o", "gate_up", "down", "geglu")
+GEGLU_CONFIGS = [(bn, bk, 1, st) for bn in (32, 64, 128) for bk in (64, 128) for st in (3, 4)]
 BLOCK_N, BLOCK_K, SPLIT_K = (32, 64, 128), (64, 128, 256), (1, 2, 4, 8)
 SMEM_BYTES = 200 << 10  # leave room below the H200's 227 KiB per block
 PROGRAMS = (128, 1056)  # ~1 to 8 waves of the H200's 132 SMs
@@ -53,6 +55,11 @@ def projection(config, name: str):
         return (h * hd, [d], [(h, hd, d)],
                 lambda x, w: jnp.einsum("tnh,nhd->td", x.reshape(-1, h, hd), w[0]),
                 lambda w: w[0].reshape(h * hd, d))
+    if name == "geglu":  # gate_up with GELU(gate) * up after it: the FFW's hidden layer
+        def xla(x, w):
+            gate_up = jnp.einsum("td,dgf->tgf", x, w[0])
+            return jax.nn.gelu(gate_up[:, 0], approximate=True) * gate_up[:, 1]
+        return d, [f], [(d, 2, f)], xla, lambda w: w[0]
     if name == "gate_up":
         return (d, [2 * f], [(d, 2, f)],
                 lambda x, w: jnp.einsum("td,dgf->tgf", x, w[0]).reshape(len(x), -1),
@@ -121,9 +128,8 @@ def run_projection(model: str, name: str, m: int, args, bandwidth: float) -> tup
     floor_us = 1e6 * wbytes / bandwidth
     head = dict(model=model, proj=name, M=m, K=k, floor_us=floor_us, weight_MB=wbytes / 1e6)
     xla_us, xla_compile, xla_out, xla_exe = time_calls(xla_fn, xs, wsets, args.reps)
-    ref = jnp.einsum("mk,kn->mn", xs[0].astype(jnp.float32),
-                     _dense(to_kernel(wsets[0])).astype(jnp.float32),
-                     precision=jax.lax.Precision.HIGHEST)
+    with jax.default_matmul_precision("highest"):  # the fp32 reference
+        ref = xla_fn(xs[0].astype(jnp.float32), [w.astype(jnp.float32) for w in wsets[0]])
     def diff(out, base=ref) -> float:
         return float(jnp.abs(out.astype(jnp.float32) - base.astype(jnp.float32)).max())
 
@@ -132,11 +138,15 @@ def run_projection(model: str, name: str, m: int, args, bandwidth: float) -> tup
           f"floor {floor_us:.1f} us; XLA {xla_us:.1f} us (compile {xla_compile:.1f} s)",
           flush=True)
     configs = ([tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
-               if args.configs else [(*t, 3) for t in candidates(k, n, widths, m, args.full)])
+               if args.configs else GEGLU_CONFIGS if name == "geglu"
+               else [(*t, 3) for t in candidates(k, n, widths, m, args.full)])
     sweep, executables = [], {}
 
     def try_config(bn, bk, s, stages, warps):
         def fn(x, w):
+            if name == "geglu":
+                return geglu_matmul(x, to_kernel(w), block_n=bn, block_k=bk, num_warps=warps,
+                                    num_stages=stages)
             return skinny_matmul(x, to_kernel(w), block_n=bn, block_k=bk, split_k=s,
                                  num_warps=warps, num_stages=stages)
 
@@ -155,7 +165,7 @@ def run_projection(model: str, name: str, m: int, args, bandwidth: float) -> tup
     for warps in [int(w) for w in args.warps.split(",")]:
         for c in configs:
             try_config(*c[:3], c[3] if len(c) > 3 else 3, warps)
-    if not args.configs:  # the best few again with one more pipeline stage
+    if not args.configs and name != "geglu":  # the best few again with one more stage
         m_pad = max(16, gc.next_power_of_2(m))
         ok = sorted((r for r in sweep if "us" in r), key=lambda r: r["us"])
         for r in ok[:args.restage]:
@@ -181,13 +191,6 @@ def run_projection(model: str, name: str, m: int, args, bandwidth: float) -> tup
         for kname, us in (row.get(label) or {}).items():
             print(f"     {label[:-8]:6s} {us:7.2f} us  {kname}", flush=True)
     return row, [dict(model=model, proj=name, M=m, **r) for r in sweep]
-
-
-def _dense(w) -> jax.Array:
-    """A kernel-layout weight (or tuple) as one [K, N] matrix, for the fp32 reference."""
-    ws = w if isinstance(w, tuple) else (w,)
-    return jnp.concatenate([a.transpose(1, 0, 2).reshape(a.shape[1], -1) if a.ndim == 3 else a
-                            for a in ws], axis=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                 sweep += tried
                 save()
             layer = [r for r in rows if r["model"] == model and r["M"] == m]
+            if any(r["proj"] == "geglu" for r in layer):  # it replaces gate_up in a layer
+                layer = [r for r in layer if r["proj"] != "gate_up"]
             total = dict(model=model, proj="layer", M=m,
                          **{c: sum(r.get(c, math.nan) for r in layer)
                             for c in ("weight_MB", "floor_us", "xla_us", "pallas_us")})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import Any, Sequence
 
 import jax
@@ -45,6 +46,7 @@ _PERSISTENT_CACHE_HIT = "/jax/compilation_cache/cache_hits"  # JAX's monitoring 
 _compile_thread = threading.local()
 _hit_listener_lock = threading.Lock()
 _hit_listener_on = False
+_from_persistent_cache: weakref.WeakSet = weakref.WeakSet()  # executables the cache supplied
 
 
 def _count_persistent_cache_hit(event: str, **_: Any) -> None:
@@ -61,7 +63,13 @@ def compile_lowered(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, b
             _hit_listener_on = True
     _compile_thread.hits = 0
     compiled = lowered.compile()
-    return compiled, _compile_thread.hits > 0
+    # JAX hands the same in-process executable out again for an identical compile of the same
+    # function (e.g. a module-level one lowered by two engines), without a second cache event.
+    executable = compiled._executable
+    with _hit_listener_lock:
+        if _compile_thread.hits:
+            _from_persistent_cache.add(executable)
+        return compiled, executable in _from_persistent_cache
 
 
 def reserializable(platform: str, from_persistent_cache: bool) -> bool:

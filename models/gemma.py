@@ -2,7 +2,8 @@
 
 The model works on a packed ragged batch: token_ids and positions are [T] (all sequences of the
 step back to back, padded to a bucket), and attention reads/writes the paged cache through
-`jaxpage.attention.paged_attention`, which picks the kernel.
+`jaxpage.attention.paged_attention`, which picks the kernel (as `jaxpage.projections` does for
+the q/k/v and gated FFW projections).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from flax import nnx
 from jaxpage.attention import AttentionMetadata, QKTransform, paged_attention
 from jaxpage.models.config import GemmaConfig, LayerType
 from jaxpage.models.layers import Embedder, FeedForward, RMSNorm, normal_init, rope_tables
+from jaxpage.projections import qkv_projection
 
 # per layer: (k_pages, v_pages), each [Hkv, P, ps, D] or a tuple of head shards (kv_cache.py)
 KVCache = list[tuple]
@@ -39,13 +41,11 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, kv_cache: tuple,
                  metadata: AttentionMetadata) -> tuple[jax.Array, tuple]:
-        q = jnp.einsum("td,dnh->tnh", x, self.q_proj[...])
-        kv = jnp.einsum("td,cdnh->tcnh", x, self.kv_proj[...])  # [T, (k, v), Hkv, D]
-        qkv = jnp.concatenate([q, kv.reshape(q.shape[0], -1, q.shape[2])], axis=1)
+        qkv = qkv_projection(x, self.q_proj[...], self.kv_proj[...], metadata.backend)
         # qk-norm and RoPE, applied by the attention backend (a GPU kernel fuses them)
         norms = dict(q_scale=self.q_norm.scale[...], k_scale=self.k_norm.scale[...],
                      eps=self.q_norm.eps) if self.use_qk_norm else {}
-        qk = QKTransform(*rope_tables(positions, q.shape[-1], base=self.rope_base,
+        qk = QKTransform(*rope_tables(positions, qkv.shape[-1], base=self.rope_base,
                                       scale=self.rope_scale), **norms)
         out, kv_cache = paged_attention(
             qkv, kv_cache, metadata, group=self.layer_type, sm_scale=self.sm_scale,
@@ -68,7 +68,7 @@ class Block(nnx.Module):
     def __call__(self, x, positions, kv_cache, metadata):
         h, kv_cache = self.attn(self.pre_attn_norm(x), positions, kv_cache, metadata)
         x = x + self.post_attn_norm(h)
-        x = x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
+        x = x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x), metadata.backend))
         return x, kv_cache
 
 

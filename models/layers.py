@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpage.projections import geglu
+
 
 def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float) -> jax.Array:
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
@@ -74,7 +76,6 @@ class FeedForward(nnx.Module):
         self.gating = nnx.Param(normal_init(rngs, (d_model, 2, hidden), dtype, d_model ** -0.5))
         self.down = nnx.Param(normal_init(rngs, (hidden, d_model), dtype, hidden ** -0.5))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate_up = jnp.einsum("td,dgf->tgf", x, self.gating[...])
-        h = jax.nn.gelu(gate_up[:, 0], approximate=True) * gate_up[:, 1]
-        return h @ self.down[...]
+    def __call__(self, x: jax.Array, backend: str = "xla") -> jax.Array:
+        """`backend`: the step's attention backend, which picks the gating GEMM's kernel."""
+        return geglu(x, self.gating[...], backend) @ self.down[...]

@@ -370,11 +370,17 @@ def test_on_cpu_an_executable_from_the_persistent_compilation_cache_is_not_store
         x = jax.ShapeDtypeStruct((64,), jnp.float32)
         fresh, hit = compat.compile_lowered(jax.jit(lambda v: jnp.tanh(v) / 3).lower(x))
         again, hit_again = compat.compile_lowered(jax.jit(lambda v: jnp.tanh(v) / 3).lower(x))
+        # one function compiled twice in this process: the second time JAX hands out its
+        # in-memory copy of what the persistent cache supplied, with no cache event
+        same = lambda v: jnp.tanh(v) / 3  # noqa: E731 - a lambda: the HLO of the two above
+        _, first_same = compat.compile_lowered(jax.jit(same).lower(x))
+        _, repeat_same = compat.compile_lowered(jax.jit(same).lower(x))
     finally:
         jax.config.update("jax_compilation_cache_dir", suite_dir)
         jax.config.update("jax_enable_compilation_cache", False)
         xla_cache.reset_cache()
     assert (hit, hit_again) == (False, True)
+    assert (first_same, repeat_same) == (True, True)
     cache = ExecutableCache(str(tmp_path / "exe"), {}, jax.devices()[0])
     assert cache.store("fresh", fresh, from_persistent_cache=hit)
     assert cache.store("again", again, from_persistent_cache=hit_again) is (

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpage.pallas_kernels.gpu_matmul import output_columns, skinny_matmul
+from jaxpage.pallas_kernels.gpu_matmul import geglu_matmul, output_columns, skinny_matmul
 
 
 def _arrays(seed, m, k, *weight_shapes, dtype=jnp.bfloat16):
@@ -23,8 +23,10 @@ def _arrays(seed, m, k, *weight_shapes, dtype=jnp.bfloat16):
 def _reference(x, ws):
     """fp32 x @ each weight ([K, N] or [G, K, N], g-major columns), concatenated along N."""
     x32 = x.astype(jnp.float32)
-    outs = [jnp.einsum("mk,gkn->mgn", x32, w.astype(jnp.float32)).reshape(x.shape[0], -1)
-            if w.ndim == 3 else jnp.dot(x32, w.astype(jnp.float32)) for w in ws]
+    hi = jax.lax.Precision.HIGHEST  # not TF32 on a GPU
+    outs = [jnp.einsum("mk,gkn->mgn", x32, w.astype(jnp.float32), precision=hi).reshape(
+        x.shape[0], -1) if w.ndim == 3 else jnp.dot(x32, w.astype(jnp.float32), precision=hi)
+            for w in ws]
     return np.asarray(jnp.concatenate(outs, axis=1))
 
 
@@ -90,3 +92,22 @@ def test_rejects_shapes_it_cannot_tile():
 def test_compiled_kernel_on_gpu(k, shapes, config):
     x, ws = _arrays(11, 64, k, *shapes)
     _check(skinny_matmul(x, ws, interpret=False, **config), x, ws)
+
+
+@pytest.mark.parametrize("m", [1, 5, 64])
+def test_geglu_is_gelu_of_the_gate_times_the_up_projection(m):
+    x, (gating,) = _arrays(7, m, 128, (128, 2, 96))
+    out = geglu_matmul(x, gating, block_n=32, block_k=64)
+    gate_up = jnp.einsum("td,dgf->tgf", x, gating)  # the unfused model: bf16 projections
+    want = jax.nn.gelu(gate_up[:, 0].astype(jnp.float32), approximate=True) * gate_up[:, 1]
+    assert out.shape == (m, 96) and out.dtype == x.dtype
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), np.asarray(want),
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_geglu_rejects_shapes_it_cannot_tile():
+    x, (gating,) = _arrays(8, 4, 128, (128, 2, 96))
+    with pytest.raises(ValueError, match="block_n"):
+        geglu_matmul(x, gating, block_n=64)
+    with pytest.raises(ValueError, match="expected"):
+        geglu_matmul(x, gating.reshape(128, 192))

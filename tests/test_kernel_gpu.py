@@ -298,13 +298,15 @@ def _model_steps(config_name: str, backend: str, decode_steps: int = 3,
     ids = jnp.asarray([2, 17, 99, 5, 8, 13, 21, 34, 55, 89, 144, 2, 5, 7, 11, 3, 0, 0], jnp.int32)
     pos = jnp.asarray(list(range(11)) + list(range(5)) + [0, 0], jnp.int32)
     kv_lens = jnp.asarray([11, 5], jnp.int32)
-    logits, caches = step(state, caches, ids, pos, jnp.asarray([0, 11, 16], jnp.int32), kv_lens)
-    out = [logits]
-    for _ in range(decode_steps):
-        ids, kv_lens = jnp.argmax(logits, -1).astype(jnp.int32), kv_lens + 1
-        logits, caches = step(state, caches, ids, kv_lens - 1, jnp.arange(3, dtype=jnp.int32),
+    with jax.default_matmul_precision("highest"):  # fp32 products on a GPU too, not TF32
+        logits, caches = step(state, caches, ids, pos, jnp.asarray([0, 11, 16], jnp.int32),
                               kv_lens)
-        out.append(logits)
+        out = [logits]
+        for _ in range(decode_steps):
+            ids, kv_lens = jnp.argmax(logits, -1).astype(jnp.int32), kv_lens + 1
+            logits, caches = step(state, caches, ids, kv_lens - 1,
+                                  jnp.arange(3, dtype=jnp.int32), kv_lens)
+            out.append(logits)
     return np.stack([np.asarray(x) for x in out])
 
 

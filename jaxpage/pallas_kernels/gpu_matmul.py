@@ -1,7 +1,8 @@
-"""Skinny GEMM x @ W for decode-sized M (experiment): a split-K Pallas kernel, Triton lowering.
+"""Skinny GEMMs x @ W for decode-sized M: a split-K Pallas kernel and a fused GeGLU, Triton lowering.
 
-An experiment for the M <= 128 projections of a decode step, where XLA's autotuned GEMMs run
-well below HBM bandwidth (benchmarks/gemm.py compares the two); nothing in the model calls it.
+For the M <= 128 projections of a decode step, where XLA's autotuned GEMMs run well below HBM
+bandwidth (`jaxpage bench gemm` compares the two). `jaxpage.projections` runs the q|k|v
+projection (split_k = 1: no reduce, no concatenate) and `geglu_matmul` on small GPU steps.
 
 Layout: W is taken as the model stores it, contracted axis first, through free reshapes only:
 [K, N] (q_proj [d, Hq, D] -> [d, Hq*D]; o_proj [Hq, D, d] -> [Hq*D, d]; the FFW gating
@@ -134,3 +135,55 @@ def skinny_matmul(x: jax.Array, w: jax.Array | Sequence[jax.Array], *, block_n: 
     if split_k == 1:
         return out[:m]
     return out[:, :m].sum(axis=0).astype(x.dtype)
+
+
+def _gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU, tanh approximation (jax.nn.gelu(approximate=True)), fp32."""
+    return 0.5 * x * (1.0 + gc.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+
+
+def _geglu_kernel(x_ref, w_ref, o_ref, *, hidden: int, block_n: int, block_k: int, steps: int):
+    n = pl.multiple_of(pl.program_id(0) * block_n, block_n)
+    precision = gc.dot_precision(x_ref.dtype)
+
+    def body(i, accs):
+        k = pl.multiple_of(i * block_k, block_k)
+        x = x_ref[:, pl.ds(k, block_k)]
+        return tuple(acc + jax.lax.dot(x, w_ref[pl.ds(k, block_k), pl.ds(col, block_n)],
+                                       precision=precision, preferred_element_type=jnp.float32)
+                     for acc, col in zip(accs, (n, hidden + n)))
+
+    zero = jnp.zeros((x_ref.shape[0], block_n), jnp.float32)
+    gate, up = jax.lax.fori_loop(0, steps, body, (zero, zero))
+    # round the projections to the activation dtype first, as the unfused model does
+    gate, up = (a.astype(o_ref.dtype).astype(jnp.float32) for a in (gate, up))
+    o_ref[:, pl.ds(n, block_n)] = (_gelu_tanh(gate) * up).astype(o_ref.dtype)
+
+
+def geglu_matmul(x: jax.Array, gating: jax.Array, *, block_n: int = 64, block_k: int = 64,
+                 num_warps: int = 4, num_stages: int = 4,
+                 interpret: bool | None = None) -> jax.Array:
+    """gelu_tanh(x @ W_gate) * (x @ W_up) -> [M, F] in x.dtype for the FFW's gating weight
+    [K, 2, F] (W_gate, W_up side by side) in one launch: each program reads the gate and up
+    columns of its block, so the product never leaves registers."""
+    m, k = x.shape
+    if gating.ndim != 3 or gating.shape[:2] != (k, 2) or gating.dtype != x.dtype:
+        raise ValueError(f"gating {gating.shape} {gating.dtype}: expected [{k}, 2, F] {x.dtype}")
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"geglu_matmul is for 1 <= M <= {MAX_M} rows, got M={m}")
+    hidden = gating.shape[2]
+    if hidden % block_n or k % block_k:
+        raise ValueError(f"block_n={block_n} must divide F={hidden} and block_k={block_k} K={k}")
+    m_pad = max(16, gc.next_power_of_2(m))
+    x_in = jnp.pad(x, ((0, m_pad - m), (0, 0))) if m_pad != m else x
+    out = pl.pallas_call(
+        functools.partial(_geglu_kernel, hidden=hidden, block_n=block_n, block_k=block_k,
+                          steps=k // block_k),
+        grid=(hidden // block_n,),
+        out_shape=jax.ShapeDtypeStruct((m_pad, hidden), x.dtype),
+        compiler_params=compat.triton_compiler_params(num_warps=num_warps,
+                                                      num_stages=num_stages),
+        interpret=gc.interpret_mode() if interpret is None else interpret,
+        name=f"jaxpage_geglu_n{block_n}_k{block_k}",
+    )(x_in, gating.reshape(k, 2 * hidden))
+    return out[:m]

@@ -1,0 +1,52 @@
+"""The backend-neutral projections: the fused Pallas GEMMs a small GPU step runs give the plain
+einsums' result (here in interpret mode), and every other step runs the einsums themselves."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpage import projections
+
+
+def _weights(seed, d=128, hq=4, hkv=2, hd=32, f=96):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    normal = lambda k, s: (jax.random.normal(k, s, jnp.float32) * d ** -0.5).astype(jnp.bfloat16)  # noqa: E731
+    return (normal(keys[0], (12, d)) * d ** 0.5, normal(keys[1], (d, hq, hd)),
+            normal(keys[2], (2, d, hkv, hd)), normal(keys[3], (d, 2, f)))
+
+
+def _einsums(x, q_proj, kv_proj, gating):
+    return (projections.qkv_projection(x, q_proj, kv_proj, "xla"),
+            projections.geglu(x, gating, "xla"))
+
+
+def test_a_small_pallas_gpu_step_runs_the_fused_kernels_with_the_einsums_result(monkeypatch):
+    x, q_proj, kv_proj, gating = _weights(0)
+    want = _einsums(x, q_proj, kv_proj, gating)
+    launched = []
+    monkeypatch.setattr(projections, "_runs_kernels", lambda backend, tokens: launched.append(
+        (backend, tokens)) or backend == "pallas_gpu")
+    got = (projections.qkv_projection(x, q_proj, kv_proj, "pallas_gpu"),
+           projections.geglu(x, gating, "pallas_gpu"))
+    assert launched == [("pallas_gpu", 12)] * 2
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                   rtol=2e-2, atol=2e-2)
+    assert want[0].shape == (12, 4 + 2 * 2, 32)  # q heads, then k heads, then v heads
+    np.testing.assert_array_equal(np.asarray(want[0][:, :4]),
+                                  np.asarray(jnp.einsum("td,dnh->tnh", x, q_proj)))
+
+
+@pytest.mark.parametrize("backend, tokens", [("xla", 8), ("pallas_tpu", 8), ("pallas_gpu", 65)])
+def test_other_backends_and_larger_steps_keep_the_einsums(backend, tokens):
+    assert not projections._runs_kernels(backend, tokens)
+
+
+def test_tiles_shrink_to_divide_the_shapes_or_give_up():
+    assert projections._fit(dict(block_n=64, block_k=256), 2304, [4096, 1024]) == dict(
+        block_n=64, block_k=256)
+    assert projections._fit(dict(block_n=64, block_k=256), 64, [96]) == dict(
+        block_n=32, block_k=64)
+    assert projections._fit(dict(block_n=64, block_k=256), 64, [40]) is None
