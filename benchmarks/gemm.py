@@ -26,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jaxpage import projections
 from jaxpage.benchmarks import common, kernels
 from jaxpage.models.config import get_config
 from jaxpage.pallas_kernels import gpu_common as gc
@@ -44,11 +45,9 @@ def projection(config, name: str):
     fn from the stored weights to the kernel's layout: free reshapes only)."""
     d, h, kvh, hd, f = (config.d_model, config.num_heads, config.num_kv_heads, config.head_dim,
                         config.ffw_hidden)
-    if name == "qkv":
+    if name == "qkv":  # the model's einsum path (projections with the "xla" backend)
         def xla(x, w):
-            q = jnp.einsum("td,dnh->tnh", x, w[0])
-            kv = jnp.einsum("td,cdnh->tcnh", x, w[1])
-            return jnp.concatenate([q.reshape(len(x), -1), kv.reshape(len(x), -1)], axis=1)
+            return projections.qkv_projection(x, w[0], w[1], "xla").reshape(len(x), -1)
         return (d, [h * hd, kvh * hd], [(d, h, hd), (2, d, kvh, hd)], xla,
                 lambda w: (w[0].reshape(d, -1), w[1].reshape(2, d, -1)))
     if name == "o":
@@ -56,10 +55,8 @@ def projection(config, name: str):
                 lambda x, w: jnp.einsum("tnh,nhd->td", x.reshape(-1, h, hd), w[0]),
                 lambda w: w[0].reshape(h * hd, d))
     if name == "geglu":  # gate_up with GELU(gate) * up after it: the FFW's hidden layer
-        def xla(x, w):
-            gate_up = jnp.einsum("td,dgf->tgf", x, w[0])
-            return jax.nn.gelu(gate_up[:, 0], approximate=True) * gate_up[:, 1]
-        return d, [f], [(d, 2, f)], xla, lambda w: w[0]
+        return (d, [f], [(d, 2, f)], lambda x, w: projections.geglu(x, w[0], "xla"),
+                lambda w: w[0])
     if name == "gate_up":
         return (d, [2 * f], [(d, 2, f)],
                 lambda x, w: jnp.einsum("td,dgf->tgf", x, w[0]).reshape(len(x), -1),
