@@ -84,20 +84,53 @@ def summarize(events: list[tuple[int, int, str]], reps: int, top: int = 15) -> d
     }
 
 
-def trace_steps(run, reps: int = 10) -> dict:
-    """Profile `reps` calls of `run()` (each returns something to block on) on the device."""
+def host_events(path: str) -> list[tuple[str, str, int]]:
+    """(thread, name, duration_ns) of every host event (JAX/PJRT/XLA TraceMe scopes and Python
+    frames) in an .xplane.pb file."""
+    from jax.profiler import ProfileData  # noqa: PLC0415
+
+    return [(line.name, e.name, int(e.duration_ns))
+            for plane in ProfileData.from_file(path).planes if plane.name.startswith("/host:")
+            for line in plane.lines for e in line.events]
+
+
+def _profile(run, reps: int, block_each: bool, read):
+    """`read(path)` of the trace of `reps` calls of `run()` (None if no trace was written)."""
     jax.block_until_ready(run())  # compiled and warm before the trace starts
     with tempfile.TemporaryDirectory() as logdir:
         with jax.profiler.trace(logdir):
             out = None
             for _ in range(reps):
                 out = run()
+                if block_each:
+                    jax.block_until_ready(out)
             jax.block_until_ready(out)
         files = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
-        if not files:
-            return {"note": "the profiler wrote no trace"}
-        events, lines = device_events(files[0])
+        return read(files[0]) if files else None
+
+
+def trace_steps(run, reps: int = 10) -> dict:
+    """Profile `reps` calls of `run()` (each returns something to block on) on the device."""
+    read = _profile(run, reps, False, device_events)
+    if read is None:
+        return {"note": "the profiler wrote no trace"}
+    events, lines = read
     return {**summarize(events, reps), "lines": lines}
+
+
+def trace_host_call(run, reps: int = 10, top: int = 30) -> list[dict]:
+    """Where the host's time goes in one call of `run()` made with the device idle: the host
+    events of `reps` such calls, summed per (thread, name), per call, largest first."""
+    events = _profile(run, reps, True, host_events) or []
+    total: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
+    for thread, name, ns in events:
+        if "block_until_ready" in name or "profiler.py" in name:
+            continue  # the wait for the device and the profiler's own frames, not the call
+        total[(thread, name)][0] += 1
+        total[(thread, name)][1] += ns
+    ranked = sorted(total.items(), key=lambda kv: -kv[1][1])[:top]
+    return [{"thread": t, "name": n, "count": c / reps, "us": ns / 1e3 / reps}
+            for (t, n), (c, ns) in ranked]
 
 
 def print_summary(summary: dict) -> None:

@@ -96,12 +96,24 @@ def engine_step_seconds(engine, batch: int, context: int, steps: int = 40,
     return elapsed
 
 
+def forward_call(runner, packed):
+    """One call of the packed step's forward executable alone (the KV cache it returns kept)."""
+    forward = runner._executable("forward", packed.bucket)
+
+    def run():
+        out = forward(runner._state_leaves, runner.kv_caches, packed.buffer, runner._prev_tokens)
+        runner.kv_caches = out[2]
+        return out
+
+    return run
+
+
 def launch_costs(engine, sched, reps: int = 20) -> dict:
     """Host milliseconds of the parts of one decode step's launch, each call made with the
     device idle (median of `reps`)."""
     runner = engine.runner
     packed = pack_decode(engine, sched)
-    forward = runner._executable("forward", packed.bucket)
+    run_forward = forward_call(runner, packed)
     sample = runner._executable("sample", (packed.plan, False))  # a decode step: no penalties
 
     def host_ms(call) -> float:
@@ -113,11 +125,6 @@ def launch_costs(engine, sched, reps: int = 20) -> dict:
             times.append(time.perf_counter() - t0)
             jax.block_until_ready(out)
         return float(np.median(times)) * 1e3
-
-    def run_forward():
-        out = forward(runner._state_leaves, runner.kv_caches, packed.buffer, runner._prev_tokens)
-        runner.kv_caches = out[2]
-        return out
 
     logits, rows, _ = run_forward()
     return {"pack_ms": host_ms(lambda: pack_decode(engine, sched) and None),
@@ -194,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         packed = pack_decode(engine, sched)
         profile = device_profile.trace_steps(lambda: engine.runner.launch(packed).output)
         profile["host_launch"] = launch_costs(engine, sched)
+        profile["forward_call_host_events"] = device_profile.trace_host_call(
+            forward_call(engine.runner, packed))
         for item in sched.scheduled:
             engine.kv.free(item.seq.seq_id)
     engine_s = engine_step_seconds(engine, args.engine_batch, args.engine_context,
@@ -211,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     if profile is not None:
         device_profile.print_summary(profile)
         print("host launch costs (ms, device idle):", profile.get("host_launch"))
+        print("host events of one forward call (device idle), us per call:")
+        for e in profile["forward_call_host_events"]:
+            print(f"  {e['us']:9.1f} us {e['count']:6.1f} x  {e['thread'][:24]:24s} {e['name']}")
     common.save_results(f"roofline-{args.model}", {
         "model": args.model, "hbm_bandwidth_TBps": bandwidth / 1e12, "weight_GB": weights / 1e9,
         "rows": rows, "host_overhead": overhead, "decode_step_memory": step_memory,

@@ -6,7 +6,9 @@ layers. Page 0 of every group is the null page: padding writes land there and no
 
 With `max_array_elements`, a layer whose K (or V) pages would exceed it is stored as a tuple of
 arrays that split the kv heads ("head shards", [Hkv / n, P, page_size, D] each), so that a kernel
-can address each one with 32-bit offsets. `jaxpage.attention` takes either form.
+can address each one with 32-bit offsets. `jaxpage.attention` takes either form; on the Pallas GPU
+backend one write launch fills all shards and the attention launches (one per shard) fill one
+output.
 """
 
 from __future__ import annotations
@@ -20,10 +22,9 @@ from jaxpage.models.config import GemmaConfig
 
 NULL_PAGE = 0
 
-
-# Each head shard costs its own write and attention launches (and a concat of the outputs).
-# On the H200 (gemma3-4b, 64 x 2048, benchmarks/NOTES.md session 5) two shards beat one 64-bit
-# array (global attention 2 x 66 us vs 167 us) but four lost to it (step 6.45 vs 6.32 ms).
+# The attention kernels take one launch per head shard, each filling the GPU with its own kv
+# splits. On the H200 (gemma3-4b global layers, 64 x 2048, benchmarks/NOTES.md sessions 5 and 9)
+# two shards ran 2 x 66 us against 166 us for one 64-bit array, but four ran 4 x 47 us.
 MAX_HEAD_SHARDS = 2
 
 

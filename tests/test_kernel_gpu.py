@@ -73,6 +73,33 @@ def test_soft_cap_and_window_each_on_their_own(path, soft_cap, window):
     check(case, out, soft_cap=soft_cap, sliding_window=window)
 
 
+def _head_shards(pages: np.ndarray, n: int) -> tuple[jax.Array, ...]:
+    heads = pages.shape[0] // n
+    return tuple(jnp.asarray(pages[i * heads:(i + 1) * heads]) for i in range(n))
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("num_shards", [2, 4])
+def test_pages_split_into_head_shards_attend_like_one_array_into_one_output(path, num_shards):
+    # One launch per shard (each with 32-bit offsets), all writing rows of the same output.
+    spec, max_query_len = PATHS[path]
+    case = new_case(31, spec, group=2, num_kv_heads=4)
+    args = [jnp.asarray(a) for a in (case.kv_lens, case.block_tables, case.query_start_loc)]
+    out = gpu.ragged_paged_attention(
+        jnp.asarray(case.q), _head_shards(case.k_pages, num_shards),
+        _head_shards(case.v_pages, num_shards), *args, sm_scale=0.2, sliding_window=WINDOW,
+        max_query_len=max_query_len)
+    check(case, np.asarray(out), sliding_window=WINDOW)
+    jaxpr = jax.make_jaxpr(lambda *a: gpu.ragged_paged_attention(
+        *a, sm_scale=0.2, max_query_len=max_query_len))(
+        jnp.asarray(case.q), _head_shards(case.k_pages, num_shards),
+        _head_shards(case.v_pages, num_shards), *args)
+    assert str(jaxpr).count("pallas_call[") == num_shards
+    joins = [line for line in str(jaxpr).splitlines()
+             if "concatenate" in line and "f32[" in line.split("=")[0]]
+    assert joins == []  # no shard outputs joined afterwards
+
+
 @pytest.mark.parametrize("num_splits", [2, 5])
 def test_decode_kv_splits_combine_to_the_reference(num_splits):
     # 5 splits over at most 3 key blocks of 16 leaves some splits empty.
@@ -172,21 +199,22 @@ def test_write_kernel_norms_and_rotates_q_and_k_as_the_model_does(path, norm, dt
     _assert_writes_match(got, want, TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("kv_heads", [(0, 1), (1, 2)])
-def test_write_kernel_for_a_head_shard_takes_only_its_heads_from_qkv(kv_heads):
-    first, end = kv_heads
-    case = new_case(25, PATHS["prefill"][0], group=2, dtype=np.float32)
+@pytest.mark.parametrize("num_shards", [2, 4])
+def test_write_kernel_writes_each_head_into_its_head_shard(num_shards):
+    case = new_case(25, PATHS["prefill"][0], group=2, num_kv_heads=4, dtype=np.float32)
     rng = np.random.default_rng(26)
-    qkv = jnp.asarray(rng.standard_normal((case.q.shape[0], 4 + 2 + 2, 32)), jnp.float32)
-    q_new, k_new, v_new = split_qkv(qkv, 2)
+    qkv = jnp.asarray(rng.standard_normal((case.q.shape[0], 8 + 4 + 4, 32)), jnp.float32)
+    q_new, k_new, v_new = split_qkv(qkv, 4)
     qk = _random_qk_transform(rng, qkv.shape[0], True, np.float32)
     md = _global_metadata(case, PATHS["prefill"][1])
     pages = jnp.asarray(case.k_pages), jnp.asarray(case.v_pages)
-    whole = write_kv(*pages, qk.apply(k_new, qk.k_scale), v_new, md, "global")
-    want = (*(p[first:end] for p in whole), qk.apply(q_new, qk.q_scale)[:, 2 * first:2 * end])
-    got = write_kv_pages(*(p[first:end] for p in pages), qkv, md.query_start_loc, md.kv_lens,
-                         md.block_tables["global"], num_q_heads=4, kv_heads=kv_heads, qk=qk)
-    _assert_writes_match(got, want, TOLERANCE[np.float32])
+    k_want, v_want = write_kv(*pages, qk.apply(k_new, qk.k_scale), v_new, md, "global")
+    k_got, v_got, q_got = write_kv_pages(
+        _head_shards(case.k_pages, num_shards), _head_shards(case.v_pages, num_shards), qkv,
+        md.query_start_loc, md.kv_lens, md.block_tables["global"], num_q_heads=8, qk=qk)
+    assert len(k_got) == len(v_got) == num_shards
+    _assert_writes_match((jnp.concatenate(k_got), jnp.concatenate(v_got), q_got),
+                         (k_want, v_want, qk.apply(q_new, qk.q_scale)), TOLERANCE[np.float32])
 
 
 def test_write_kernel_rejects_a_qkv_that_does_not_fit_the_pages():
@@ -197,8 +225,8 @@ def test_write_kernel_rejects_a_qkv_that_does_not_fit_the_pages():
     args = (md.query_start_loc, md.kv_lens, md.block_tables["global"])
     with pytest.raises(ValueError, match="num_q_heads=3"):
         write_kv_pages(*pages, qkv, *args, num_q_heads=3)
-    with pytest.raises(ValueError, match="kv_heads=.1, 2."):  # 2 heads of pages, 1 named
-        write_kv_pages(*pages, qkv, *args, num_q_heads=4, kv_heads=(1, 2))
+    with pytest.raises(ValueError, match="the 1 kv heads of the pages"):  # qkv has 2
+        write_kv_pages(*(p[:1] for p in pages), qkv, *args, num_q_heads=4)
 
 
 def _random_qk_transform(rng, num_tokens: int, norm: bool, dtype) -> QKTransform:

@@ -34,13 +34,15 @@ _DECODE_MIN_BLOCKS_PER_SPLIT = 4
 
 
 def default_configs(p: gc.AttnParams, dtype, num_seqs: int, max_pages: int, interpret: bool,
-                    ) -> tuple[DecodeConfig, PrefillConfig]:
-    """Tile sizes and kv splits for a call's static shapes (no splits in interpret mode)."""
+                    launch_kv_heads: int | None = None) -> tuple[DecodeConfig, PrefillConfig]:
+    """Tile sizes and kv splits for a call's static shapes (no splits in interpret mode);
+    `launch_kv_heads`: the kv heads one decode launch covers (one head shard's; default all)."""
     itemsize = jnp.dtype(dtype).itemsize
     step_keys = _DECODE_STEP_BYTES // (2 * p.head_dim * itemsize)
     block_k = max(16, min(256, gc.next_power_of_2(step_keys)))
     max_blocks = max(1, -(-max_pages * p.page_size // block_k))
-    wanted = max(_DECODE_MIN_SPLITS, _DECODE_RESIDENT_PROGRAMS // (num_seqs * p.num_kv_heads))
+    heads = launch_kv_heads or p.num_kv_heads
+    wanted = max(_DECODE_MIN_SPLITS, _DECODE_RESIDENT_PROGRAMS // (num_seqs * heads))
     splits = max(1, min(wanted, max_blocks // _DECODE_MIN_BLOCKS_PER_SPLIT))
     if interpret:
         splits = 1
@@ -53,8 +55,14 @@ def default_configs(p: gc.AttnParams, dtype, num_seqs: int, max_pages: int, inte
 
 
 def _check_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc) -> None:
-    reference.check_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc)
-    _, _, page_size, head_dim = k_pages.shape
+    k_shards, v_shards = gc.as_shards(k_pages), gc.as_shards(v_pages)
+    if len(k_shards) != len(v_shards) or len({s.dtype for s in k_shards + v_shards}) != 1:
+        raise ValueError(f"k_pages and v_pages must be head shards of one dtype in equal number, "
+                         f"got {len(k_shards)} and {len(v_shards)}")
+    whole = jax.ShapeDtypeStruct(gc.pages_shape(k_shards), k_shards[0].dtype)
+    reference.check_inputs(q, whole, jax.ShapeDtypeStruct(gc.pages_shape(v_shards), whole.dtype),
+                           kv_lens, block_tables, query_start_loc)
+    _, _, page_size, head_dim = whole.shape
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(
             f"head_dim must be a power of two >= 16 for the GPU kernel, got {head_dim}")
@@ -69,8 +77,8 @@ def _check_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc) -
                                              "interpret"))
 def ragged_paged_attention(
     q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
+    k_pages: jax.Array | tuple[jax.Array, ...],
+    v_pages: jax.Array | tuple[jax.Array, ...],
     kv_lens: jax.Array,
     block_tables: jax.Array,
     query_start_loc: jax.Array,
@@ -85,21 +93,24 @@ def ragged_paged_attention(
 ) -> jax.Array:
     """Attention of packed ragged queries over their sequences' pages (see reference.py).
 
-    `decode_config` / `prefill_config` override the default tiles; `interpret` defaults to
-    True off-GPU.
+    The pages may also be tuples of head shards [Hkv / n, P, ps, D] (kv_cache.init_kv_cache),
+    one launch each. `decode_config` / `prefill_config` override the default tiles; `interpret`
+    defaults to True off-GPU.
     """
     _check_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc)
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
     if soft_cap is not None and soft_cap <= 0:
         raise ValueError(f"soft_cap must be > 0 or None, got {soft_cap}")
-    num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
+    k_shards = gc.as_shards(k_pages)
+    num_kv_heads, num_pages, page_size, head_dim = gc.pages_shape(k_shards)
     p = gc.AttnParams(sm_scale=float(sm_scale), soft_cap=soft_cap, sliding_window=sliding_window,
                       num_q_heads=q.shape[1], num_kv_heads=num_kv_heads, head_dim=head_dim,
                       page_size=page_size, num_pages=num_pages)
     interpret = gc.interpret_mode() if interpret is None else interpret
     decode_default, prefill_default = default_configs(p, q.dtype, kv_lens.shape[0],
-                                                      block_tables.shape[1], interpret)
+                                                      block_tables.shape[1], interpret,
+                                                      launch_kv_heads=k_shards[0].shape[0])
     args = (q, k_pages, v_pages, kv_lens.astype(jnp.int32), block_tables.astype(jnp.int32),
             query_start_loc.astype(jnp.int32), p)
     if max_query_len == 1:

@@ -5,11 +5,20 @@ pages as [Hkv*P*page_size, D] -- and gather the rows they need by index, so one 
 key block pulls several pages named by the block table. Every row gather and scatter is
 masked: masked lanes neither read nor write memory, and read as 0, which is what keeps NaN in
 pages a sequence does not own out of the result.
+
+A layer's pages may come as a tuple of head shards (kv_cache.init_kv_cache), each under 4 GiB.
+The Triton lowering computes a ref's offsets in 64 bits when the ref is larger, and the decode
+kernel then ran 29 % slower on the H200 (benchmarks/NOTES.md, session 5). The attention kernels
+take one launch per shard, all writing into one output; one launch that picked its shard per
+program ran as slowly as the 64-bit one (a loop inside a branch, or masked loads of every shard:
+session 9). The write kernel, which has no loop, writes every shard in one launch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +52,37 @@ class AttnParams:
     def group_pad(self) -> int:
         """Q heads per kv head, padded to a power of two (Triton tensor shapes)."""
         return next_power_of_2(self.group)
+
+
+def as_shards(pages) -> tuple[jax.Array, ...]:
+    """The head shards of a layer's pages: a tuple of [Hkv / n, P, ps, D] arrays, or one array."""
+    return tuple(pages) if isinstance(pages, (tuple, list)) else (pages,)
+
+
+def pages_shape(k_shards: Sequence[jax.Array]) -> tuple[int, int, int, int]:
+    """[Hkv, P, page_size, D] of the cache the head shards make up together (all the same)."""
+    shapes = {s.shape for s in k_shards}
+    if len(shapes) != 1 or len(k_shards[0].shape) != 4:
+        raise ValueError(f"head shards must be [kv_heads, pages, page_size, head_dim] arrays of "
+                         f"one shape, got {sorted(shapes)}")
+    heads, num_pages, page_size, head_dim = k_shards[0].shape
+    return heads * len(k_shards), num_pages, page_size, head_dim
+
+
+def flat_rows(pages: jax.Array) -> jax.Array:
+    """The [Hkv * P * page_size, D] row view of a [Hkv, P, page_size, D] pages array."""
+    return pages.reshape(-1, pages.shape[-1])
+
+
+def on_head_shard(kv_head, heads_per_shard: int, k_refs: Sequence, v_refs: Sequence,
+                  fn: Callable):
+    """fn(k_ref, v_ref, head within the shard) on the head shard that holds `kv_head`, one
+    branch per shard (uniform across a program). For code without loops: the loads of a loop
+    inside a branch are not pipelined."""
+    if len(k_refs) == 1:
+        return fn(k_refs[0], v_refs[0], kv_head)
+    branches = [functools.partial(fn, k, v) for k, v in zip(k_refs, v_refs, strict=True)]
+    return jax.lax.switch(kv_head // heads_per_shard, branches, kv_head % heads_per_shard)
 
 
 def next_power_of_2(n: int) -> int:

@@ -3,7 +3,8 @@
 Grid (sequence, kv head, kv split). A program takes the single query token of its sequence
 with all q heads of its kv head (padded to a dot-friendly tile), walks its share of the
 sequence's visible pages, `block_k` tokens (several pages) per step, and keeps fp32 online
-softmax statistics. With one split it writes the normalized output; with several, each split
+softmax statistics. Pages split into head shards take one launch per shard, each writing its
+heads' rows of the same output buffers (aliased from launch to launch). With one split it writes the normalized output; with several, each split
 writes unnormalized partials (acc, running max, running sum) that `combine_splits` merges, so a
 small batch of long sequences still fills the GPU. Outputs are indexed by the query's packed
 token row, so the merge is the only work after the kernel (rows of padding tokens, which no
@@ -45,9 +46,11 @@ def tile_rows(p: gc.AttnParams) -> int:
     return max(16, p.group_pad)
 
 
-def _decode_kernel(qsl_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs,
-                   p: gc.AttnParams, cfg: DecodeConfig):
-    seq, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _decode_kernel(qsl_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *refs,
+                   p: gc.AttnParams, cfg: DecodeConfig, head_first: int, chained: bool):
+    out_refs = refs[len(refs) // 2:] if chained else refs  # chained: outputs aliased from inputs
+    seq, shard_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    kv_head = head_first + shard_head
     q_row = qsl_ref[seq]
     has_query = qsl_ref[seq + 1] > q_row
     hi = jnp.where(has_query, kv_lens_ref[seq], 0)  # the query at position hi-1 sees keys < hi
@@ -68,7 +71,7 @@ def _decode_kernel(qsl_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs,
     def load_block(b):
         tokens = first_token + b * cfg.block_k + jnp.arange(cfg.block_k, dtype=jnp.int32)
         visible = (tokens >= lo) & (tokens < hi)
-        rows = gc.kv_rows(bt_ref, seq, kv_head, tokens, visible, p)
+        rows = gc.kv_rows(bt_ref, seq, shard_head, tokens, visible, p)
         return gc.load_rows(k_ref, rows, visible), gc.load_rows(v_ref, rows, visible), visible
 
     def body(b, carry):
@@ -102,13 +105,13 @@ def combine_splits(o: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
     return jnp.where(l_sum[..., None] > 0, o_sum / jnp.where(l_sum > 0, l_sum, 1.0)[..., None], 0.0)
 
 
-def decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: jax.Array,
+def decode_attention(q: jax.Array, k_pages, v_pages, kv_lens: jax.Array,
                      block_tables: jax.Array, query_start_loc: jax.Array, p: gc.AttnParams,
                      cfg: DecodeConfig, interpret: bool) -> jax.Array:
-    """Attention for a batch where no sequence has more than one new token; returns [T, Hq, D]."""
+    """Attention for a batch where no sequence has more than one new token; returns [T, Hq, D].
+    The pages are arrays or tuples of head shards (gpu_common.as_shards)."""
     num_tokens = q.shape[0]
     num_seqs = kv_lens.shape[0]
-    kernel = functools.partial(_decode_kernel, p=p, cfg=cfg)
     rows = num_tokens * cfg.num_splits * p.num_q_heads
     if cfg.num_splits == 1:
         out_shape = [jax.ShapeDtypeStruct((rows, p.head_dim), q.dtype)]
@@ -116,16 +119,23 @@ def decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_le
         out_shape = [jax.ShapeDtypeStruct((rows, p.head_dim), jnp.float32),
                      jax.ShapeDtypeStruct((rows,), jnp.float32),
                      jax.ShapeDtypeStruct((rows,), jnp.float32)]
-    outs = pl.pallas_call(
-        kernel,
-        grid=(num_seqs, p.num_kv_heads, cfg.num_splits),
-        out_shape=out_shape,
-        compiler_params=compat.triton_compiler_params(num_warps=cfg.num_warps,
-                                                      num_stages=cfg.num_stages),
-        interpret=interpret,
-        name=f"jaxpage_decode_bk{cfg.block_k}_s{cfg.num_splits}",
-    )(query_start_loc, kv_lens, block_tables,
-      q.reshape(-1, p.head_dim), k_pages.reshape(-1, p.head_dim), v_pages.reshape(-1, p.head_dim))
+    k_shards, v_shards = gc.as_shards(k_pages), gc.as_shards(v_pages)
+    shard_heads = k_shards[0].shape[0]
+    outs = []
+    for i, (k, v) in enumerate(zip(k_shards, v_shards, strict=True)):
+        kernel = functools.partial(_decode_kernel, p=p, cfg=cfg, chained=bool(outs),
+                                   head_first=i * shard_heads)
+        outs = pl.pallas_call(
+            kernel,
+            grid=(num_seqs, shard_heads, cfg.num_splits),
+            out_shape=out_shape,
+            input_output_aliases={6 + j: j for j in range(len(outs))},
+            compiler_params=compat.triton_compiler_params(num_warps=cfg.num_warps,
+                                                          num_stages=cfg.num_stages),
+            interpret=interpret,
+            name=f"jaxpage_decode_bk{cfg.block_k}_s{cfg.num_splits}",
+        )(query_start_loc, kv_lens, block_tables, q.reshape(-1, p.head_dim),
+          gc.flat_rows(k), gc.flat_rows(v), *outs)
     if cfg.num_splits == 1:
         out = outs[0].reshape(q.shape)
     else:

@@ -72,9 +72,11 @@ def tile_schedule(query_start_loc: jax.Array, kv_lens: jax.Array, num_tokens: in
     return sched, bound
 
 
-def _prefill_kernel(sched_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *, p: gc.AttnParams,
-                    cfg: PrefillConfig):
-    tile, kv_head = pl.program_id(0), pl.program_id(1)
+def _prefill_kernel(sched_ref, bt_ref, q_ref, k_ref, v_ref, *refs, p: gc.AttnParams,
+                    cfg: PrefillConfig, head_first: int):
+    o_ref = refs[-1]  # after the aliased output of the previous head shard's launch, if any
+    tile, shard_head = pl.program_id(0), pl.program_id(1)
+    kv_head = head_first + shard_head
     seq, row0, nrows = sched_ref[0, tile], sched_ref[1, tile], sched_ref[2, tile]
     qpos0, kv_len = sched_ref[3, tile], sched_ref[4, tile]
 
@@ -97,7 +99,7 @@ def _prefill_kernel(sched_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *, p: gc.Attn
     def masked_body(b, carry):
         tokens = tokens_of(b)
         in_range = tokens < hi
-        rows = gc.kv_rows(bt_ref, seq, kv_head, tokens, in_range, p)
+        rows = gc.kv_rows(bt_ref, seq, shard_head, tokens, in_range, p)
         k = gc.load_rows(k_ref, rows, in_range)
         v = gc.load_rows(v_ref, rows, in_range)
         visible = (tokens[None, :] <= qpos[:, None]) & in_range[None, :]
@@ -106,7 +108,7 @@ def _prefill_kernel(sched_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *, p: gc.Attn
         return gc.attend_block(carry, q, k, v, visible, p)
 
     def full_body(b, carry):
-        rows = gc.kv_rows(bt_ref, seq, kv_head, tokens_of(b), None, p)
+        rows = gc.kv_rows(bt_ref, seq, shard_head, tokens_of(b), None, p)
         k, v = gc.load_rows(k_ref, rows, None), gc.load_rows(v_ref, rows, None)
         return gc.attend_block(carry, q, k, v, None, p)
 
@@ -127,25 +129,31 @@ def _prefill_kernel(sched_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *, p: gc.Attn
     gc.store_rows(o_ref, q_rows, gc.normalize(l, acc), row_ok)
 
 
-def prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: jax.Array,
+def prefill_attention(q: jax.Array, k_pages, v_pages, kv_lens: jax.Array,
                       block_tables: jax.Array, query_start_loc: jax.Array, p: gc.AttnParams,
                       cfg: PrefillConfig, max_query_len: int | None,
                       interpret: bool) -> jax.Array:
-    """Attention for any ragged batch (prefill chunks and decode tokens); returns [T, Hq, D]."""
+    """Attention for any ragged batch (prefill chunks and decode tokens); returns [T, Hq, D].
+    The pages are arrays or tuples of head shards (gpu_common.as_shards): one launch per shard,
+    each writing its heads' rows of the same output."""
     if cfg.block_m < max(16, p.group_pad):
         raise ValueError(f"prefill block_m={cfg.block_m} must be >= 16 and >= the q heads per kv "
                          f"head rounded up to a power of two ({p.group_pad})")
     num_tokens = q.shape[0]
     block_q = cfg.block_m // p.group_pad
     sched, num_tiles = tile_schedule(query_start_loc, kv_lens, num_tokens, block_q, max_query_len)
-    out = pl.pallas_call(
-        functools.partial(_prefill_kernel, p=p, cfg=cfg),
-        grid=(num_tiles, p.num_kv_heads),
-        out_shape=jax.ShapeDtypeStruct((num_tokens * p.num_q_heads, p.head_dim), q.dtype),
-        compiler_params=compat.triton_compiler_params(num_warps=cfg.num_warps,
-                                                      num_stages=cfg.num_stages),
-        interpret=interpret,
-        name=f"jaxpage_prefill_m{cfg.block_m}_bk{cfg.block_k}",
-    )(sched, block_tables, q.reshape(-1, p.head_dim), k_pages.reshape(-1, p.head_dim),
-      v_pages.reshape(-1, p.head_dim))
-    return out.reshape(q.shape)
+    k_shards, v_shards = gc.as_shards(k_pages), gc.as_shards(v_pages)
+    shard_heads = k_shards[0].shape[0]
+    out = []
+    for i, (k, v) in enumerate(zip(k_shards, v_shards, strict=True)):
+        out = [pl.pallas_call(
+            functools.partial(_prefill_kernel, p=p, cfg=cfg, head_first=i * shard_heads),
+            grid=(num_tiles, shard_heads),
+            out_shape=jax.ShapeDtypeStruct((num_tokens * p.num_q_heads, p.head_dim), q.dtype),
+            input_output_aliases={5: 0} if out else {},
+            compiler_params=compat.triton_compiler_params(num_warps=cfg.num_warps,
+                                                          num_stages=cfg.num_stages),
+            interpret=interpret,
+            name=f"jaxpage_prefill_m{cfg.block_m}_bk{cfg.block_k}",
+        )(sched, block_tables, q.reshape(-1, p.head_dim), gc.flat_rows(k), gc.flat_rows(v), *out)]
+    return out[0].reshape(q.shape)
