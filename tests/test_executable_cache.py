@@ -71,6 +71,10 @@ def lowered(monkeypatch):
 def filled(tmp_path_factory):
     """(directory, the SMALL gemma2 engine that filled it by compiling every executable)."""
     path = tmp_path_factory.mktemp("filled") / "executables"
+    # JAX hands out its in-memory executable again for an identical compile, and one that an
+    # earlier test in this process had from the persistent cache is not stored on the CPU
+    # (compat.compile_lowered): compile from scratch.
+    jax.clear_caches()
     with pytest.MonkeyPatch.context() as mp:
         use_dir(mp, path)
         engine = make_engine("gemma2", **SMALL)
