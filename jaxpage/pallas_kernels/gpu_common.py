@@ -74,6 +74,18 @@ def flat_rows(pages: jax.Array) -> jax.Array:
     return pages.reshape(-1, pages.shape[-1])
 
 
+def launch_per_shard(k_pages, v_pages, launch: Callable) -> list:
+    """Outputs of one launch per head shard, chained: `launch(k_rows, v_rows, head_first,
+    shard_heads, outs)` gets the shard's flat pages, its first kv head and head count, and the
+    previous launch's outputs (empty for the first) to alias and write its own rows into."""
+    k_shards, v_shards = as_shards(k_pages), as_shards(v_pages)
+    shard_heads = k_shards[0].shape[0]
+    outs: list = []
+    for i, (k, v) in enumerate(zip(k_shards, v_shards, strict=True)):
+        outs = list(launch(flat_rows(k), flat_rows(v), i * shard_heads, shard_heads, outs))
+    return outs
+
+
 def on_head_shard(kv_head, heads_per_shard: int, k_refs: Sequence, v_refs: Sequence,
                   fn: Callable):
     """fn(k_ref, v_ref, head within the shard) on the head shard that holds `kv_head`, one

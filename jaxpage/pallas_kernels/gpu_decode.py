@@ -3,10 +3,10 @@
 Grid (sequence, kv head, kv split). A program takes the single query token of its sequence
 with all q heads of its kv head (padded to a dot-friendly tile), walks its share of the
 sequence's visible pages, `block_k` tokens (several pages) per step, and keeps fp32 online
-softmax statistics. Pages split into head shards take one launch per shard, each writing its
-heads' rows of the same output buffers (aliased from launch to launch). With one split it writes the normalized output; with several, each split
+softmax statistics. With one split it writes the normalized output; with several, each split
 writes unnormalized partials (acc, running max, running sum) that `combine_splits` merges, so a
-small batch of long sequences still fills the GPU. Outputs are indexed by the query's packed
+small batch of long sequences still fills the GPU. Pages split into head shards take one launch
+per shard, each writing its heads' rows of the same output buffers. Outputs are indexed by the query's packed
 token row, so the merge is the only work after the kernel (rows of padding tokens, which no
 program writes, are zeroed in the same pass).
 """
@@ -47,8 +47,8 @@ def tile_rows(p: gc.AttnParams) -> int:
 
 
 def _decode_kernel(qsl_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *refs,
-                   p: gc.AttnParams, cfg: DecodeConfig, head_first: int, chained: bool):
-    out_refs = refs[len(refs) // 2:] if chained else refs  # chained: outputs aliased from inputs
+                   p: gc.AttnParams, cfg: DecodeConfig, head_first: int):
+    out_refs = refs[-_num_outputs(cfg):]  # after the previous shard's outputs, aliased to them
     seq, shard_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kv_head = head_first + shard_head
     q_row = qsl_ref[seq]
@@ -93,6 +93,10 @@ def _decode_kernel(qsl_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *refs,
         gc.store_vector(l_ref, rows, l, store)
 
 
+def _num_outputs(cfg: DecodeConfig) -> int:
+    return 1 if cfg.num_splits == 1 else 3  # the output, or partials (acc, max, sum)
+
+
 def combine_splits(o: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
     """Merge per-split partials o [T, splits, Hq, D], m/l [T, splits, Hq] into [T, Hq, D].
 
@@ -119,14 +123,10 @@ def decode_attention(q: jax.Array, k_pages, v_pages, kv_lens: jax.Array,
         out_shape = [jax.ShapeDtypeStruct((rows, p.head_dim), jnp.float32),
                      jax.ShapeDtypeStruct((rows,), jnp.float32),
                      jax.ShapeDtypeStruct((rows,), jnp.float32)]
-    k_shards, v_shards = gc.as_shards(k_pages), gc.as_shards(v_pages)
-    shard_heads = k_shards[0].shape[0]
-    outs = []
-    for i, (k, v) in enumerate(zip(k_shards, v_shards, strict=True)):
-        kernel = functools.partial(_decode_kernel, p=p, cfg=cfg, chained=bool(outs),
-                                   head_first=i * shard_heads)
-        outs = pl.pallas_call(
-            kernel,
+
+    def launch(k_rows, v_rows, head_first: int, shard_heads: int, outs: list):
+        return pl.pallas_call(
+            functools.partial(_decode_kernel, p=p, cfg=cfg, head_first=head_first),
             grid=(num_seqs, shard_heads, cfg.num_splits),
             out_shape=out_shape,
             input_output_aliases={6 + j: j for j in range(len(outs))},
@@ -134,8 +134,10 @@ def decode_attention(q: jax.Array, k_pages, v_pages, kv_lens: jax.Array,
                                                           num_stages=cfg.num_stages),
             interpret=interpret,
             name=f"jaxpage_decode_bk{cfg.block_k}_s{cfg.num_splits}",
-        )(query_start_loc, kv_lens, block_tables, q.reshape(-1, p.head_dim),
-          gc.flat_rows(k), gc.flat_rows(v), *outs)
+        )(query_start_loc, kv_lens, block_tables, q.reshape(-1, p.head_dim), k_rows, v_rows,
+          *outs)
+
+    outs = gc.launch_per_shard(k_pages, v_pages, launch)
     if cfg.num_splits == 1:
         out = outs[0].reshape(q.shape)
     else:

@@ -142,18 +142,17 @@ def prefill_attention(q: jax.Array, k_pages, v_pages, kv_lens: jax.Array,
     num_tokens = q.shape[0]
     block_q = cfg.block_m // p.group_pad
     sched, num_tiles = tile_schedule(query_start_loc, kv_lens, num_tokens, block_q, max_query_len)
-    k_shards, v_shards = gc.as_shards(k_pages), gc.as_shards(v_pages)
-    shard_heads = k_shards[0].shape[0]
-    out = []
-    for i, (k, v) in enumerate(zip(k_shards, v_shards, strict=True)):
-        out = [pl.pallas_call(
-            functools.partial(_prefill_kernel, p=p, cfg=cfg, head_first=i * shard_heads),
+
+    def launch(k_rows, v_rows, head_first: int, shard_heads: int, outs: list):
+        return [pl.pallas_call(
+            functools.partial(_prefill_kernel, p=p, cfg=cfg, head_first=head_first),
             grid=(num_tiles, shard_heads),
             out_shape=jax.ShapeDtypeStruct((num_tokens * p.num_q_heads, p.head_dim), q.dtype),
-            input_output_aliases={5: 0} if out else {},
+            input_output_aliases={5: 0} if outs else {},
             compiler_params=compat.triton_compiler_params(num_warps=cfg.num_warps,
                                                           num_stages=cfg.num_stages),
             interpret=interpret,
             name=f"jaxpage_prefill_m{cfg.block_m}_bk{cfg.block_k}",
-        )(sched, block_tables, q.reshape(-1, p.head_dim), gc.flat_rows(k), gc.flat_rows(v), *out)]
-    return out[0].reshape(q.shape)
+        )(sched, block_tables, q.reshape(-1, p.head_dim), k_rows, v_rows, *outs)]
+
+    return gc.launch_per_shard(k_pages, v_pages, launch)[0].reshape(q.shape)
