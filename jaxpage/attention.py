@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpage.models.layers import rms_norm, rotate
+from jaxpage.models.layers import rotate
+from jaxpage.models.norms import rms_norm
 from jaxpage.pallas_kernels import reference
 
 BACKENDS = ("xla", "pallas_gpu", "pallas_tpu")

@@ -1,12 +1,15 @@
 """Backend-neutral entry points for the dense projections that small GPU steps run poorly in XLA.
 
-At decode sizes (tens of tokens) a projection only streams its weights, and XLA:GPU spends ~3 us
-per layer beyond that on each of two: the q/k/v GEMM is split-K, so a reduce-and-concatenate
-fusion follows it, and the FFW's GELU(gate) * up is a fusion of its own after the gating GEMM.
-On the Pallas GPU backend, steps of up to SMALL_STEP_TOKENS tokens run both as Pallas GEMMs
-without split-K (pallas_kernels/gpu_matmul.py): q|k|v written as one array, GELU(gate) * up in
-the GEMM's epilogue. Everywhere else (XLA and TPU backends, larger steps, widths the tiles do not
-divide) the plain einsums run. Tiles were chosen on the H200 with `jaxpage bench gemm`.
+At decode sizes (tens of tokens) a projection only streams its weights, and XLA:GPU spends
+~2-5 us beyond that on each small kernel around it: the q/k/v GEMM is split-K, so a
+reduce-and-concatenate fusion follows it; the FFW's GELU(gate) * up is a fusion of its own; and
+each sublayer's output GEMM is followed by its split-K sum, post-norm, residual add and the next
+sublayer's pre-norm in two or three fusions. On the Pallas GPU backend, steps of up to
+SMALL_STEP_TOKENS tokens run these as Pallas kernels (pallas_kernels/gpu_matmul.py, gpu_norm.py):
+q|k|v written as one array without split-K, GELU(gate) * up in the GEMM's epilogue, and the
+output GEMMs' split-K partials summed by one kernel that also does the norms and the residual.
+Everywhere else (XLA and TPU backends, larger steps, widths the tiles do not divide) the plain
+einsums run. Tiles were chosen on the H200 with `jaxpage bench gemm`.
 """
 
 from __future__ import annotations
@@ -14,11 +17,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpage.pallas_kernels.gpu_matmul import geglu_matmul, skinny_matmul
+from jaxpage.models.norms import rms_norm
+from jaxpage.pallas_kernels.gpu_matmul import geglu_matmul, skinny_matmul, split_k_partials
+from jaxpage.pallas_kernels.gpu_norm import add_rms_norm
 
 SMALL_STEP_TOKENS = 64
 QKV_TILES = dict(block_n=32, block_k=256, split_k=1, num_stages=4)  # largest tiles tried
 GEGLU_TILES = dict(block_n=64, block_k=64, num_stages=4)
+# The output projections, by the length of K: the attention output (K = Hq*D, about d) and the
+# FFW's down projection (K = the hidden width, several d). Split-K tiles from the session 8 sweep
+# at 64 rows (gemma3-4b o: 6.5 us; down: 19.8 us, within 0.3 us of the best, which took 8 splits:
+# the sum after it reads twice the partials, +1.2 us in the session 10 measurement).
+SHORT_K_OUT_TILES = dict(block_n=32, block_k=128, split_k=4, num_stages=3)
+LONG_K_OUT_TILES = dict(block_n=64, block_k=128, split_k=4, num_stages=3)
 
 
 def _runs_kernels(backend: str, tokens: int) -> bool:
@@ -27,9 +38,12 @@ def _runs_kernels(backend: str, tokens: int) -> bool:
 
 
 def _fit(tiles: dict, k: int, widths: list[int]) -> dict | None:
-    """`tiles` with block_k / block_n halved until they divide K and every width (None: < 16)."""
+    """`tiles` with block_k / block_n halved until they divide K's split and every width (None:
+    below 16, or K not divisible by split_k)."""
     out = dict(tiles)
-    for name, dims in (("block_k", [k]), ("block_n", widths)):
+    if k % out.get("split_k", 1):
+        return None
+    for name, dims in (("block_k", [k // out.get("split_k", 1)]), ("block_n", widths)):
         while any(d % out[name] for d in dims):
             out[name] //= 2
             if out[name] < 16:
@@ -60,3 +74,18 @@ def geglu(x: jax.Array, gating: jax.Array, backend: str) -> jax.Array:
         return geglu_matmul(x, gating, **tiles)
     gate_up = jnp.einsum("td,dgf->tgf", x, gating)
     return jax.nn.gelu(gate_up[:, 0], approximate=True) * gate_up[:, 1]
+
+
+def output_residual_norm(h: jax.Array, w: jax.Array, residual: jax.Array, post_scale: jax.Array,
+                         next_scale: jax.Array, *, eps: float, backend: str,
+                         ) -> tuple[jax.Array, jax.Array]:
+    """A sublayer's end and the next one's input: x = residual + rms_norm(h @ w, post_scale) and
+    rms_norm(x, next_scale), for h [T, K], w [K, d], residual [T, d] (Gemma's (1 + w) norms)."""
+    k, d = w.shape
+    tiles = _runs_kernels(backend, h.shape[0]) and _fit(
+        LONG_K_OUT_TILES if k > 2 * d else SHORT_K_OUT_TILES, k, [d])
+    if tiles:
+        return add_rms_norm(split_k_partials(h, w, **tiles), residual, post_scale, next_scale,
+                            eps=eps)
+    x = residual + rms_norm(h @ w, post_scale, eps)
+    return x, rms_norm(x, next_scale, eps)

@@ -15,7 +15,7 @@ from flax import nnx
 from jaxpage.attention import AttentionMetadata, QKTransform, paged_attention
 from jaxpage.models.config import GemmaConfig, LayerType
 from jaxpage.models.layers import Embedder, FeedForward, RMSNorm, normal_init, rope_tables
-from jaxpage.projections import qkv_projection
+from jaxpage.projections import output_residual_norm, qkv_projection
 
 # per layer: (k_pages, v_pages), each [Hkv, P, ps, D] or a tuple of head shards (kv_cache.py)
 KVCache = list[tuple]
@@ -41,6 +41,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, kv_cache: tuple,
                  metadata: AttentionMetadata) -> tuple[jax.Array, tuple]:
+        """Pre-normed x [T, d] -> the heads' outputs [T, Hq * D] (before o_proj), updated cache."""
         qkv = qkv_projection(x, self.q_proj[...], self.kv_proj[...], metadata.backend)
         # qk-norm and RoPE, applied by the attention backend (a GPU kernel fuses them)
         norms = dict(q_scale=self.q_norm.scale[...], k_scale=self.k_norm.scale[...],
@@ -50,11 +51,23 @@ class Attention(nnx.Module):
         out, kv_cache = paged_attention(
             qkv, kv_cache, metadata, group=self.layer_type, sm_scale=self.sm_scale,
             soft_cap=self.soft_cap, sliding_window=self.sliding_window, qk=qk)
-        return jnp.einsum("tnh,nhd->td", out, self.o_proj[...]), kv_cache
+        return out.reshape(out.shape[0], -1), kv_cache
+
+
+def sublayer_end(h: jax.Array, w: jax.Array, x: jax.Array, post_norm: RMSNorm,
+                 next_norm: RMSNorm, backend: str) -> tuple[jax.Array, jax.Array]:
+    """x + post_norm(h @ w) (the residual stream) and next_norm of it (the next sublayer's input)."""
+    return output_residual_norm(h, w, x, post_norm.scale[...], next_norm.scale[...],
+                                eps=post_norm.eps, backend=backend)
 
 
 class Block(nnx.Module):
-    """Pre/post-normed attention then pre/post-normed GeGLU, each with a residual."""
+    """Pre/post-normed attention then pre/post-normed GeGLU, each with a residual.
+
+    A block takes the residual stream with its pre-attention norm already applied and returns
+    the stream with the next norm (`next_norm`: the next block's pre-attention norm, or the
+    final norm) applied, so that every sublayer ends in one `sublayer_end`.
+    """
 
     def __init__(self, config: GemmaConfig, layer_type: LayerType, *, dtype, rngs: nnx.Rngs):
         norm = lambda: RMSNorm(config.d_model, eps=config.rms_norm_eps, dtype=dtype, rngs=rngs)  # noqa: E731
@@ -65,11 +78,16 @@ class Block(nnx.Module):
         self.mlp = FeedForward(config.d_model, config.ffw_hidden, dtype=dtype, rngs=rngs)
         self.post_ffw_norm = norm()
 
-    def __call__(self, x, positions, kv_cache, metadata):
-        h, kv_cache = self.attn(self.pre_attn_norm(x), positions, kv_cache, metadata)
-        x = x + self.post_attn_norm(h)
-        x = x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x), metadata.backend))
-        return x, kv_cache
+    def __call__(self, x, x_normed, positions, kv_cache, metadata, next_norm: RMSNorm):
+        """(x, pre_attn_norm(x)) -> (x', next_norm(x')) and the layer's updated cache."""
+        backend = metadata.backend
+        heads, kv_cache = self.attn(x_normed, positions, kv_cache, metadata)
+        o_proj = self.attn.o_proj[...]
+        x, h = sublayer_end(heads, o_proj.reshape(-1, o_proj.shape[-1]), x, self.post_attn_norm,
+                            self.pre_ffw_norm, backend)
+        x, h = sublayer_end(self.mlp.hidden(h, backend), self.mlp.down[...], x,
+                            self.post_ffw_norm, next_norm, backend)
+        return x, h, kv_cache
 
 
 class Gemma(nnx.Module):
@@ -87,11 +105,13 @@ class Gemma(nnx.Module):
                  metadata: AttentionMetadata) -> tuple[jax.Array, KVCache]:
         """[T] tokens at [T] positions -> final-normed hidden states [T, d], updated caches."""
         x = self.embedder.encode(token_ids)
+        h = self.layers[0].pre_attn_norm(x)
+        next_norms = [layer.pre_attn_norm for layer in self.layers[1:]] + [self.final_norm]
         new_caches = []
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, kv_cache = layer(x, positions, kv_cache, metadata)
+        for layer, next_norm, kv_cache in zip(self.layers, next_norms, kv_caches, strict=True):
+            x, h, kv_cache = layer(x, h, positions, kv_cache, metadata, next_norm)
             new_caches.append(kv_cache)
-        return self.final_norm(x), new_caches
+        return h, new_caches
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[N, d] hidden states -> [N, vocab] fp32 logits, final soft-cap applied."""

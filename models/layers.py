@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpage.models.norms import rms_norm
 from jaxpage.projections import geglu
 
 
@@ -25,13 +26,6 @@ class Embedder(nnx.Module):
         table = self.embedding[...]
         x = jnp.take(table, token_ids, axis=0)
         return x * jnp.sqrt(jnp.float32(self.d_model)).astype(table.dtype)
-
-
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the last axis with Gemma's (1 + w) scale, in fp32, returned in x's dtype."""
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -76,6 +70,10 @@ class FeedForward(nnx.Module):
         self.gating = nnx.Param(normal_init(rngs, (d_model, 2, hidden), dtype, d_model ** -0.5))
         self.down = nnx.Param(normal_init(rngs, (hidden, d_model), dtype, hidden ** -0.5))
 
+    def hidden(self, x: jax.Array, backend: str = "xla") -> jax.Array:
+        """gelu_tanh(x W_gate) * (x W_up) [T, hidden]; `backend`: the step's attention backend,
+        which picks the gating GEMM's kernel."""
+        return geglu(x, self.gating[...], backend)
+
     def __call__(self, x: jax.Array, backend: str = "xla") -> jax.Array:
-        """`backend`: the step's attention backend, which picks the gating GEMM's kernel."""
-        return geglu(x, self.gating[...], backend) @ self.down[...]
+        return self.hidden(x, backend) @ self.down[...]

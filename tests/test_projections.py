@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxpage import projections
+from jaxpage.pallas_kernels.gpu_norm import add_rms_norm
 
 
 def _weights(seed, d=128, hq=4, hkv=2, hd=32, f=96):
@@ -50,3 +51,33 @@ def test_tiles_shrink_to_divide_the_shapes_or_give_up():
     assert projections._fit(dict(block_n=64, block_k=256), 64, [96]) == dict(
         block_n=32, block_k=64)
     assert projections._fit(dict(block_n=64, block_k=256), 64, [40]) is None
+
+
+@pytest.mark.parametrize("k, d", [(256, 64), (64, 96)])  # a long-K (FFW down) and a short-K one
+def test_a_small_pallas_gpu_step_ends_a_sublayer_in_two_kernels_with_the_einsums_result(
+        monkeypatch, k, d):
+    keys = jax.random.split(jax.random.key(5), 5)
+    h = jax.random.normal(keys[0], (9, k), jnp.float32).astype(jnp.bfloat16)
+    w = (jax.random.normal(keys[1], (k, d), jnp.float32) * k ** -0.5).astype(jnp.bfloat16)
+    residual = (3 * jax.random.normal(keys[2], (9, d), jnp.float32)).astype(jnp.bfloat16)
+    post, nxt = ((0.2 * jax.random.normal(kk, (d,), jnp.float32)).astype(jnp.bfloat16)
+                 for kk in keys[3:])
+    want = projections.output_residual_norm(h, w, residual, post, nxt, eps=1e-6, backend="xla")
+    monkeypatch.setattr(projections, "_runs_kernels", lambda backend, tokens: True)
+    kernels = []
+    monkeypatch.setattr(projections, "add_rms_norm", lambda *a, **kw: kernels.append(
+        "add_rms_norm") or add_rms_norm(*a, **kw))
+    got = projections.output_residual_norm(h, w, residual, post, nxt, eps=1e-6,
+                                           backend="pallas_gpu")
+    assert kernels == ["add_rms_norm"]
+    for g, wnt in zip(got, want, strict=True):
+        assert g.shape == wnt.shape == (9, d) and g.dtype == wnt.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(wnt, np.float32),
+                                   rtol=2e-2, atol=2e-2)
+
+
+def test_split_k_tiles_fit_k_per_split_or_give_up():
+    tiles = dict(block_n=64, block_k=64, split_k=8)
+    assert projections._fit(tiles, 10240, [2560]) == tiles
+    assert projections._fit(tiles, 256, [64]) == dict(block_n=64, block_k=32, split_k=8)
+    assert projections._fit(tiles, 100, [64]) is None  # K is no multiple of split_k

@@ -12,7 +12,8 @@ outputs are concatenated along N by one launch (q_proj and kv_proj give the mode
 
 Grid (N // block_n, split_k): program (j, s) walks its K / split_k share in block_k steps with
 an fp32 accumulator. split_k == 1 writes x.dtype directly; split_k > 1 writes fp32 partials
-[split_k, M, N] that XLA sums afterwards. M is padded to a power of two >= 16 (Triton tiles).
+[split_k, M, N], which `skinny_matmul` sums in XLA and `split_k_partials` hands to a consumer
+that sums them itself (gpu_norm.add_rms_norm). M is padded to a power of two >= 16 (Triton tiles).
 """
 
 from __future__ import annotations
@@ -87,13 +88,14 @@ def output_columns(w: jax.Array | Sequence[jax.Array]) -> int:
     return sum(a.shape[-1] * (a.shape[0] if a.ndim == 3 else 1) for a in ws)
 
 
-def skinny_matmul(x: jax.Array, w: jax.Array | Sequence[jax.Array], *, block_n: int = 64,
-                  block_k: int = 128, split_k: int = 1, num_warps: int = 4, num_stages: int = 3,
-                  interpret: bool | None = None) -> jax.Array:
-    """x [M, K] @ w -> [M, N] in x.dtype (fp32 accumulation); w: see the module docstring.
+def split_k_partials(x: jax.Array, w: jax.Array | Sequence[jax.Array], *, block_n: int = 64,
+                     block_k: int = 128, split_k: int = 1, num_warps: int = 4,
+                     num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
+    """x [M, K] @ w unreduced: [split_k, M', N] fp32 partial products (the K slices' sums),
+    or [1, M', N] in x.dtype with split_k = 1. M' >= M: rows past M are padding (zero x rows).
 
-    block_n must divide every weight's last axis, split_k * block_k must divide K; block sizes
-    are powers of two >= 16 (Triton dot tiles).
+    For a consumer that sums the slices itself (gpu_norm.add_rms_norm); `skinny_matmul` takes
+    the same tiles and returns the sum.
     """
     ws = (w,) if isinstance(w, jax.Array) else tuple(w)
     m, k = x.shape
@@ -132,9 +134,19 @@ def skinny_matmul(x: jax.Array, w: jax.Array | Sequence[jax.Array], *, block_n: 
         interpret=gc.interpret_mode() if interpret is None else interpret,
         name=f"jaxpage_gemm_n{block_n}_k{block_k}_s{split_k}",
     )(x_in, *ws)
-    if split_k == 1:
-        return out[:m]
-    return out[:, :m].sum(axis=0).astype(x.dtype)
+    return out.reshape(split_k, m_pad, n)
+
+
+def skinny_matmul(x: jax.Array, w: jax.Array | Sequence[jax.Array], **tiles) -> jax.Array:
+    """x [M, K] @ w -> [M, N] in x.dtype (fp32 accumulation); w: see the module docstring.
+
+    Tiles (`split_k_partials`' keywords): block_n must divide every weight's last axis,
+    split_k * block_k must divide K; block sizes are powers of two >= 16 (Triton dot tiles).
+    """
+    partials = split_k_partials(x, w, **tiles)[:, :x.shape[0]]
+    if partials.shape[0] == 1:
+        return partials[0]
+    return partials.sum(axis=0).astype(x.dtype)
 
 
 def _gelu_tanh(x: jax.Array) -> jax.Array:
