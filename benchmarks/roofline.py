@@ -65,6 +65,15 @@ def device_step_seconds(engine, sched, reps: int = 30) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+def engine_output_tokens(batch: int, context: int, max_num_batched_tokens: int,
+                         steps: int = 40) -> int:
+    """Output tokens per request of `engine_step_seconds`: the sequences that finish prefill
+    first decode while the rest prefill, and all `batch` must still decode through the timed
+    steps (and the profiled ones after them)."""
+    prefill_steps = -(-batch * context // max_num_batched_tokens)
+    return prefill_steps + 2 * steps + 20
+
+
 def engine_step_seconds(engine, batch: int, context: int, steps: int = 40,
                         profile: bool = False) -> float:
     """Mean engine.step() time in steady decode of `batch` real requests at ~`context`; with
@@ -73,7 +82,8 @@ def engine_step_seconds(engine, batch: int, context: int, steps: int = 40,
     from jaxpage.sampling_params import SamplingParams  # noqa: PLC0415
 
     rng = np.random.default_rng(1)
-    params = SamplingParams(temperature=1.0, max_tokens=2 * steps + 20, ignore_eos=True)
+    params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=engine_output_tokens(
+        batch, context, engine.config.max_num_batched_tokens, steps))
     for i in range(batch):
         engine.add_request(f"e{i}", prompt_token_ids=rng.integers(
             10, engine.model_config.vocab_size, size=context).tolist(), params=params,
@@ -163,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = common.hbm_bandwidth(args.bandwidth_mib << 20)
     model = common.random_model(args.model, dtype=args.dtype)
     weights = common.weight_bytes(model)
+    max_num_batched_tokens = 4096
+    outputs = engine_output_tokens(args.engine_batch, args.engine_context, max_num_batched_tokens)
     engine = LLMEngine(model, config=EngineConfig(
-        max_num_seqs=max(batches + [args.engine_batch]), max_num_batched_tokens=4096,
-        max_model_len=max(contexts + [args.engine_context]) + 128, precompile=False,
+        max_num_seqs=max(batches + [args.engine_batch]),
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max(contexts + [args.engine_context + outputs]) + 1, precompile=False,
         attention_backend=args.backend, gpu_memory_utilization=args.gpu_memory_utilization))
     rows = []
     for context in contexts:

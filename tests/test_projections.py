@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from jaxpage import projections
-from jaxpage.pallas_kernels.gpu_norm import add_rms_norm
 
 
 def _weights(seed, d=128, hq=4, hkv=2, hd=32, f=96):
@@ -53,25 +52,33 @@ def test_tiles_shrink_to_divide_the_shapes_or_give_up():
     assert projections._fit(dict(block_n=64, block_k=256), 64, [40]) is None
 
 
-@pytest.mark.parametrize("k, d", [(256, 64), (64, 96)])  # a long-K (FFW down) and a short-K one
-def test_a_small_pallas_gpu_step_ends_a_sublayer_in_two_kernels_with_the_einsums_result(
-        monkeypatch, k, d):
+@pytest.mark.parametrize("tokens, k, d, kernels", [
+    (9, 256, 64, ["split_k_partials", "add_rms_norm"]),   # long K (the FFW's down projection)
+    (9, 64, 96, ["split_k_partials", "add_rms_norm"]),    # short K (the attention output)
+    (100, 64, 96, ["add_rms_norm"]),                      # XLA's GEMM, then the kernel
+    (200, 64, 96, []),                                    # the plain ops
+])
+def test_a_pallas_gpu_step_ends_a_sublayer_in_kernels_with_the_einsums_result(
+        monkeypatch, tokens, k, d, kernels):
     keys = jax.random.split(jax.random.key(5), 5)
-    h = jax.random.normal(keys[0], (9, k), jnp.float32).astype(jnp.bfloat16)
+    h = jax.random.normal(keys[0], (tokens, k), jnp.float32).astype(jnp.bfloat16)
     w = (jax.random.normal(keys[1], (k, d), jnp.float32) * k ** -0.5).astype(jnp.bfloat16)
-    residual = (3 * jax.random.normal(keys[2], (9, d), jnp.float32)).astype(jnp.bfloat16)
+    residual = (3 * jax.random.normal(keys[2], (tokens, d), jnp.float32)).astype(jnp.bfloat16)
     post, nxt = ((0.2 * jax.random.normal(kk, (d,), jnp.float32)).astype(jnp.bfloat16)
                  for kk in keys[3:])
     want = projections.output_residual_norm(h, w, residual, post, nxt, eps=1e-6, backend="xla")
-    monkeypatch.setattr(projections, "_runs_kernels", lambda backend, tokens: True)
-    kernels = []
-    monkeypatch.setattr(projections, "add_rms_norm", lambda *a, **kw: kernels.append(
-        "add_rms_norm") or add_rms_norm(*a, **kw))
+    monkeypatch.setattr(projections, "_runs_kernels", lambda backend, tokens, limit=64: (
+        backend == "pallas_gpu" and tokens <= limit))
+    launched = []
+    for name in ("split_k_partials", "add_rms_norm"):
+        real = getattr(projections, name)
+        monkeypatch.setattr(projections, name, lambda *a, _f=real, _n=name, **kw: (
+            launched.append(_n) or _f(*a, **kw)))
     got = projections.output_residual_norm(h, w, residual, post, nxt, eps=1e-6,
                                            backend="pallas_gpu")
-    assert kernels == ["add_rms_norm"]
+    assert launched == kernels
     for g, wnt in zip(got, want, strict=True):
-        assert g.shape == wnt.shape == (9, d) and g.dtype == wnt.dtype
+        assert g.shape == wnt.shape == (tokens, d) and g.dtype == wnt.dtype
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(wnt, np.float32),
                                    rtol=2e-2, atol=2e-2)
 
