@@ -8,8 +8,9 @@ sublayer's pre-norm in two or three fusions. On the Pallas GPU backend, steps of
 SMALL_STEP_TOKENS tokens run these as Pallas kernels (pallas_kernels/gpu_matmul.py, gpu_norm.py):
 q|k|v written as one array without split-K, GELU(gate) * up in the GEMM's epilogue, and the
 output GEMMs' split-K partials summed by one kernel that also does the norms and the residual
-(which also follows XLA's GEMM in steps of up to SUBLAYER_END_TOKENS tokens). Everywhere else (XLA and TPU backends, larger steps, widths the tiles do not divide) the plain
-einsums run. Tiles were chosen on the H200 with `jaxpage bench gemm`.
+(which also follows XLA's GEMM in steps of up to SUBLAYER_END_TOKENS tokens). Everywhere else
+(XLA and TPU backends, larger steps, widths the tiles do not divide) the plain einsums run.
+Tiles were chosen on the H200 with `jaxpage bench gemm`.
 """
 
 from __future__ import annotations

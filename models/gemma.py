@@ -56,7 +56,7 @@ class Attention(nnx.Module):
 
 def sublayer_end(h: jax.Array, w: jax.Array, x: jax.Array, post_norm: RMSNorm,
                  next_norm: RMSNorm, backend: str) -> tuple[jax.Array, jax.Array]:
-    """x + post_norm(h @ w) (the residual stream) and next_norm of it (the next sublayer's input)."""
+    """x + post_norm(h @ w) (the residual stream), and next_norm of it (the next input)."""
     return output_residual_norm(h, w, x, post_norm.scale[...], next_norm.scale[...],
                                 eps=post_norm.eps, backend=backend)
 
