@@ -456,6 +456,8 @@ class ModelRunner:
         penalised = self._executable("penalise", penalise)(logits, step.extra) if penalise else None
         out, self._prev_tokens = self._executable("sample", _sample_key(step.plan))(
             logits, row_inputs, penalised)
+        for array in jax.tree.leaves(out):  # read back as soon as sampled, not when collected
+            array.copy_to_host_async()
         return StepHandle(out, step.num_rows, step.plan.num_logprobs > 0)
 
     def collect(self, handle: "StepHandle") -> StepResult:
