@@ -20,7 +20,7 @@ import time
 import jax.numpy as jnp
 
 from jaxpage import beam_search, compat, sampler
-from jaxpage.attention import resolve_backend
+from jaxpage.attention import max_cache_array_elements, resolve_backend
 from jaxpage.config import EngineConfig
 from jaxpage.kv_cache import free_kv_bytes, plan_num_pages
 from jaxpage.models.gemma import Gemma
@@ -98,7 +98,8 @@ class LLMEngine:
                 memory_utilization=self.config.gpu_memory_utilization),
             num_pages=self.config.num_pages, max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
-            max_model_len=self.max_model_len, dtype=kv_dtype)
+            max_model_len=self.max_model_len, dtype=kv_dtype,
+            max_array_elements=max_cache_array_elements(self.backend))
         self.kv = KVCacheManager(
             page_size=self.config.page_size, num_pages=num_pages, max_context=self.max_model_len,
             windows={g: self.model_config.window_of(g) for g in num_pages},

@@ -59,6 +59,16 @@ def init_kv_cache(config: GemmaConfig, num_pages: Mapping[str, int], page_size: 
     return caches
 
 
+def addressable_pages(config: GemmaConfig, page_size: int,
+                      max_array_elements: int | None) -> int | None:
+    """Most pages per layer that still fit `max_array_elements` per array when split into the
+    most head shards allowed (None: no limit)."""
+    if max_array_elements is None:
+        return None
+    shards = max(n for n in range(1, MAX_HEAD_SHARDS + 1) if config.num_kv_heads % n == 0)
+    return max_array_elements // (config.num_kv_heads // shards * page_size * config.head_dim)
+
+
 def page_bytes(config: GemmaConfig, group: str, page_size: int, dtype=jnp.bfloat16) -> int:
     """Bytes one page id of `group` costs across all the group's layers (keys and values)."""
     layers = sum(1 for t in config.layer_types if t == group)
@@ -74,12 +84,19 @@ def local_pages_bound(config: GemmaConfig, *, page_size: int, max_num_seqs: int,
 
 def plan_num_pages(config: GemmaConfig, *, page_size: int, kv_bytes: int | None,
                    num_pages: int | None, max_num_seqs: int, max_num_batched_tokens: int,
-                   max_model_len: int, dtype=jnp.bfloat16) -> dict[str, int]:
+                   max_model_len: int, dtype=jnp.bfloat16,
+                   max_array_elements: int | None = None) -> dict[str, int]:
     """Pages per layer group (null page included).
 
     An explicit `num_pages` sets the global pool; otherwise `kv_bytes` of memory is split so that
     the local (sliding-window) pool gets what its running sequences can ever hold and the global
     pool the rest. The local pool never needs more pages than the global one.
+
+    A pool sized from memory stops at what `max_array_elements` lets the kernels address in
+    head shards (`addressable_pages`) when that still holds every running sequence at its
+    longest: beyond it, pages would only add prefix-cache room, and one array over the limit
+    slows every decode step (on the H200, gemma3-4b's global layers took 167 us per step
+    against 2 x 66 us for two head shards: benchmarks/NOTES.md, sessions 9-10).
     """
     groups = config.layer_groups
     per_seq_max = -(-max_model_len // page_size)
@@ -91,15 +108,26 @@ def plan_num_pages(config: GemmaConfig, *, page_size: int, kv_bytes: int | None,
         return {g: num_pages if g == "global" else local for g in groups}
     if kv_bytes is None:
         raise ValueError("num_pages=None needs the free device memory (kv_bytes)")
+    pages = _split_memory(config, kv_bytes, page_size, dtype, bound)
+    cap = addressable_pages(config, page_size, max_array_elements)
+    if cap is not None and cap >= max_num_seqs * per_seq_max + 1:
+        pages = {g: min(n, cap) for g, n in pages.items()}
+    return pages
+
+
+def _split_memory(config: GemmaConfig, kv_bytes: int, page_size: int, dtype,
+                  local_bound: int) -> dict[str, int]:
+    """Pages per group from `kv_bytes` of memory; the local pool at most `local_bound` + 1."""
+    groups = config.layer_groups
     pb = {g: page_bytes(config, g, page_size, dtype) for g in groups}
     if groups == ("local",):
         return {"local": max(2, kv_bytes // pb["local"])}
     if "local" not in groups:
         return {"global": max(2, kv_bytes // pb["global"])}
     shared = kv_bytes // (pb["global"] + pb["local"])  # both pools the same size
-    if shared <= bound:
+    if shared <= local_bound:
         return {"global": max(2, shared), "local": max(2, shared)}
-    local = bound + 1
+    local = local_bound + 1
     return {"global": max(2, (kv_bytes - local * pb["local"]) // pb["global"]), "local": local}
 
 

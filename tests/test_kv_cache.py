@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxpage.attention import max_cache_array_elements
-from jaxpage.kv_cache import head_shards, init_kv_cache
+from jaxpage.kv_cache import addressable_pages, head_shards, init_kv_cache, plan_num_pages
 from jaxpage.models.config import get_config
 from jaxpage.runner import copy_pages
 
@@ -58,3 +58,30 @@ def test_copy_on_write_copies_the_page_in_every_head_shard():
         np.testing.assert_array_equal(np.concatenate(gk), wk)
         np.testing.assert_array_equal(np.concatenate(gv), wv)
         np.testing.assert_array_equal(wk[:, 5], wk[:, 3])
+
+
+def _plan(config, *, kv_bytes, max_num_seqs, max_model_len, limit, num_pages=None):
+    return plan_num_pages(config, page_size=4, kv_bytes=kv_bytes, num_pages=num_pages,
+                          max_num_seqs=max_num_seqs, max_num_batched_tokens=8,
+                          max_model_len=max_model_len, dtype=jnp.float32,
+                          max_array_elements=limit)
+
+
+def test_a_pool_from_memory_stops_at_what_head_shards_address_once_it_holds_every_sequence():
+    config = get_config("gemma3-tiny")  # 2 kv heads: up to two one-head shards
+    limit = 100 * 4 * config.head_dim  # 100 pages per one-head array
+    assert addressable_pages(config, 4, limit) == 100
+    assert addressable_pages(config, 4, None) is None
+    plenty = 10**9
+    uncapped = _plan(config, kv_bytes=plenty, max_num_seqs=2, max_model_len=64, limit=None)
+    assert uncapped["global"] > 100
+    # 2 sequences of 16 pages fit in 100 pages: the pool stops there
+    assert _plan(config, kv_bytes=plenty, max_num_seqs=2, max_model_len=64,
+                 limit=limit)["global"] == 100
+    # 8 sequences of 16 pages do not: the pool keeps all the memory (one array past the limit)
+    assert _plan(config, kv_bytes=plenty, max_num_seqs=8, max_model_len=64,
+                 limit=limit) == _plan(config, kv_bytes=plenty, max_num_seqs=8,
+                                       max_model_len=64, limit=None)
+    # an explicit pool size is the user's
+    assert _plan(config, kv_bytes=None, max_num_seqs=2, max_model_len=64, limit=limit,
+                 num_pages=500)["global"] == 500
