@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxpage.models.layers import rotate
 from jaxpage.models.norms import rms_norm
+from jaxpage.pallas_kernels import gpu_common as gc
 from jaxpage.pallas_kernels import reference
 
 BACKENDS = ("xla", "pallas_gpu", "pallas_tpu")
@@ -122,16 +123,10 @@ def uses_write_kernel(backend: str) -> bool:
 def _each_shard(k_pages, v_pages):
     """(k array, v array, first kv head, end kv head) of each array of a layer's pages, which
     are one array each or tuples of head shards."""
-    ks, vs = (k_pages, v_pages) if isinstance(k_pages, tuple) else ((k_pages,), (v_pages,))
     start = 0
-    for kp, vp in zip(ks, vs, strict=True):
+    for kp, vp in zip(gc.as_shards(k_pages), gc.as_shards(v_pages), strict=True):
         yield kp, vp, start, start + kp.shape[0]
         start += kp.shape[0]
-
-
-def _same_form(like, arrays: list):
-    """`arrays` as a tuple of head shards if `like` is one, else the single array."""
-    return tuple(arrays) if isinstance(like, tuple) else arrays[0]
 
 
 def _takes_head_shards(backend: str) -> bool:
@@ -185,8 +180,8 @@ def _write(k_pages, v_pages, qkv: jax.Array, metadata: AttentionMetadata, group:
             return flat.reshape(pages.shape)
 
         written.append((scatter(kp, k[:, first:end]), scatter(vp, v[:, first:end])))
-    return (_same_form(k_pages, [w[0] for w in written]),
-            _same_form(k_pages, [w[1] for w in written]), q if num_q_heads else None)
+    return (gc.same_form(k_pages, [w[0] for w in written]),
+            gc.same_form(k_pages, [w[1] for w in written]), q if num_q_heads else None)
 
 
 def paged_attention(

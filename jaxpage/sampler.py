@@ -321,20 +321,22 @@ def _temperature_divisor(arrays: dict[str, jax.Array]) -> jax.Array:
     return jnp.where(temperature < GREEDY_EPS, 1.0, temperature)[:, None]
 
 
-def _drawn_from(logits: jax.Array, arrays: dict[str, jax.Array], plan: SamplerPlan,
-                penalised: jax.Array | None) -> jax.Array | None:
-    """f32[R, V] logits the rows draw from when penalties apply (None when they do not)."""
-    if penalised is not None:
-        return penalised.astype(jnp.float32)
-    return penalise(logits.astype(jnp.float32), arrays) if plan.penalty_len else None
+def _scaled_logits(logits: jax.Array, arrays: dict[str, jax.Array], plan: SamplerPlan,
+                   penalised: jax.Array | None) -> tuple[jax.Array, bool]:
+    """f32[R, V] the rows draw from (penalised when penalties apply) divided by the temperature
+    (by 1 for greedy rows), and whether penalties applied."""
+    x = logits.astype(jnp.float32)
+    if penalised is None and plan.penalty_len:
+        penalised = penalise(x, arrays)
+    drawn = x if penalised is None else penalised.astype(jnp.float32)
+    return drawn / _temperature_divisor(arrays), penalised is not None
 
 
 def filtered_logits(logits: jax.Array, arrays: dict[str, jax.Array],
                     plan: SamplerPlan) -> jax.Array:
     """f32[R, V] that each row draws from: the penalised logits divided by the temperature, -inf
     where min_p, top_k or top_p drop the token."""
-    drawn = _drawn_from(logits, arrays, plan, None)
-    scaled = (logits.astype(jnp.float32) if drawn is None else drawn) / _temperature_divisor(arrays)
+    scaled, _ = _scaled_logits(logits, arrays, plan, None)
     return _filter(scaled, scaled.max(axis=1), arrays, plan)
 
 
@@ -414,8 +416,7 @@ def sample_with_keys(logits: jax.Array, arrays: dict[str, jax.Array], plan: Samp
     if num_rows != plan.num_rows:
         raise ValueError(f"logits have {num_rows} rows but plan.num_rows={plan.num_rows}")
     logits = logits.astype(jnp.float32)
-    drawn = _drawn_from(logits, arrays, plan, penalised)
-    scaled = (logits if drawn is None else drawn) / _temperature_divisor(arrays)
+    scaled, penalties_applied = _scaled_logits(logits, arrays, plan, penalised)
     peak, greedy_ids = _max_and_first_index(scaled)  # the filters always keep the maximum
     filtered = _filter(scaled, peak, arrays, plan)
     u = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys)
@@ -423,7 +424,8 @@ def sample_with_keys(logits: jax.Array, arrays: dict[str, jax.Array], plan: Samp
                           inverse_cdf_draw(filtered, peak, u))
 
     # log-normaliser of the raw logits; without penalties their max is the scaled one's times T
-    raw_peak = peak * _temperature_divisor(arrays)[:, 0] if drawn is None else logits.max(axis=1)
+    raw_peak = (logits.max(axis=1) if penalties_applied
+                else peak * _temperature_divisor(arrays)[:, 0])
     log_norm = raw_peak + jnp.log(
         jnp.exp(_vocab_chunks(logits) - raw_peak[:, None, None]).sum(axis=2).sum(axis=1))
     chosen = jnp.take_along_axis(logits, token_ids[:, None], axis=1)[:, 0] - log_norm

@@ -3,7 +3,7 @@
 The model works on a packed ragged batch: token_ids and positions are [T] (all sequences of the
 step back to back, padded to a bucket), and attention reads/writes the paged cache through
 `jaxpage.attention.paged_attention`, which picks the kernel (as `jaxpage.projections` does for
-the q/k/v and gated FFW projections).
+the projections and each sublayer's end: output GEMM, norms and residual).
 """
 
 from __future__ import annotations

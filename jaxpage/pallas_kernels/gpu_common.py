@@ -59,6 +59,11 @@ def as_shards(pages) -> tuple[jax.Array, ...]:
     return tuple(pages) if isinstance(pages, (tuple, list)) else (pages,)
 
 
+def same_form(like, shards: Sequence[jax.Array]):
+    """`shards` as a tuple if `like` (a layer's pages) is one, else its single array."""
+    return tuple(shards) if isinstance(like, (tuple, list)) else shards[0]
+
+
 def pages_shape(k_shards: Sequence[jax.Array]) -> tuple[int, int, int, int]:
     """[Hkv, P, page_size, D] of the cache the head shards make up together (all the same)."""
     shapes = {s.shape for s in k_shards}

@@ -6,9 +6,9 @@ sequence's visible pages, `block_k` tokens (several pages) per step, and keeps f
 softmax statistics. With one split it writes the normalized output; with several, each split
 writes unnormalized partials (acc, running max, running sum) that `combine_splits` merges, so a
 small batch of long sequences still fills the GPU. Pages split into head shards take one launch
-per shard, each writing its heads' rows of the same output buffers. Outputs are indexed by the query's packed
-token row, so the merge is the only work after the kernel (rows of padding tokens, which no
-program writes, are zeroed in the same pass).
+per shard, each writing its heads' rows of the same output buffers. Outputs are indexed by the
+query's packed token row, so the merge is the only work after the kernel (rows of padding
+tokens, which no program writes, are zeroed in the same pass).
 """
 
 from __future__ import annotations

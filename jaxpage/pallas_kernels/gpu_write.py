@@ -179,9 +179,7 @@ def write_kv_pages(k_pages, v_pages, qkv: jax.Array, query_start_loc: jax.Array,
         name="jaxpage_write_kv" + ("_qk" if transform else ""),
     )(*inputs)
     shape = k_shards[0].shape
-    ks = tuple(o.reshape(shape) for o in outs[:n])
-    vs = tuple(o.reshape(shape) for o in outs[n:2 * n])
+    ks = [o.reshape(shape) for o in outs[:n]]
+    vs = [o.reshape(shape) for o in outs[n:2 * n]]
     q = outs[2 * n].reshape(num_tokens, num_q_heads, head_dim) if num_q_heads else None
-    if isinstance(k_pages, (tuple, list)):
-        return ks, vs, q
-    return ks[0], vs[0], q
+    return gc.same_form(k_pages, ks), gc.same_form(k_pages, vs), q
