@@ -88,6 +88,11 @@ def output_columns(w: jax.Array | Sequence[jax.Array]) -> int:
     return sum(a.shape[-1] * (a.shape[0] if a.ndim == 3 else 1) for a in ws)
 
 
+# Kernel entry points are jitted: a model calls each with the same shapes in every layer, and a
+# jitted callee is traced and lowered once per module instead of once per call (Pallas lowering
+# costs ~15 ms a call; benchmarks/NOTES.md, session 11).
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "split_k", "num_warps",
+                                             "num_stages", "interpret"))
 def split_k_partials(x: jax.Array, w: jax.Array | Sequence[jax.Array], *, block_n: int = 64,
                      block_k: int = 128, split_k: int = 1, num_warps: int = 4,
                      num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
@@ -172,6 +177,8 @@ def _geglu_kernel(x_ref, w_ref, o_ref, *, hidden: int, block_n: int, block_k: in
     o_ref[:, pl.ds(n, block_n)] = (_gelu_tanh(gate) * up).astype(o_ref.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "num_warps", "num_stages",
+                                             "interpret"))
 def geglu_matmul(x: jax.Array, gating: jax.Array, *, block_n: int = 64, block_k: int = 64,
                  num_warps: int = 4, num_stages: int = 4,
                  interpret: bool | None = None) -> jax.Array:

@@ -66,6 +66,7 @@ def default_warps(width: int) -> int:
     return max(4, min(16, gc.next_power_of_2(width) // 256))
 
 
+@functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))  # lowered once
 def add_rms_norm(partials: jax.Array, residual: jax.Array, post_scale: jax.Array,
                  next_scale: jax.Array, *, eps: float, num_warps: int | None = None,
                  interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
