@@ -6,7 +6,9 @@ For each (batch, context) the device step time is measured on a synthetic decode
 allocated as if the context had been prefilled), and model bandwidth utilisation is
 MBU = (weight bytes + KV bytes read) / step time / HBM bandwidth, the bandwidth measured in the
 same run. Host overhead = engine step time - device step time, with the engine serving real
-requests (prefilled for real) in steady decode at --engine-batch x --engine-context.
+requests (prefilled for real) in steady decode at --engine-batch x --engine-context; with decode
+bursts (--num-decode-steps k > 1) both are per token step, and the device time is that of the
+k-step launches the engine runs.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import numpy as np
 from jaxpage.benchmarks import common, device_profile, hlo_layers
 
 
-def synthetic_decode(engine, batch: int, context: int, seed: int = 0):
-    """Sequences whose first `context` tokens are (as if) cached, each decoding its next token."""
+def synthetic_decode(engine, batch: int, context: int, seed: int = 0, steps: int = 1):
+    """Sequences whose first `context` tokens are (as if) cached, each decoding its next token
+    (and, for steps > 1, the steps - 1 after it in one burst)."""
     from jaxpage.request import Request, Sequence, SeqStatus  # noqa: PLC0415
     from jaxpage.sampling_params import SamplingParams  # noqa: PLC0415
     from jaxpage.scheduler import ScheduledSeq, SchedulerOutput  # noqa: PLC0415
@@ -38,13 +41,13 @@ def synthetic_decode(engine, batch: int, context: int, seed: int = 0):
         seq = Sequence(10**9 + i, request, 0, tokens, seed=i, status=SeqStatus.RUNNING)
         request.sequences.append(seq)
         if not (engine.kv.allocate(seq.seq_id, 0, context)
-                and engine.kv.allocate(seq.seq_id, context, 1)):  # 2nd call drops window pages
+                and engine.kv.allocate(seq.seq_id, context, steps)):  # drops window pages
             for item in scheduled:
                 engine.kv.free(item.seq.seq_id)
             engine.kv.free(seq.seq_id)
             return None
         seq.num_computed_tokens = context
-        scheduled.append(ScheduledSeq(seq, context, 1))
+        scheduled.append(ScheduledSeq(seq, context, 1, steps))
     return SchedulerOutput(scheduled, [])
 
 
@@ -54,7 +57,7 @@ def pack_decode(engine, sched):
 
 
 def device_step_seconds(engine, sched, reps: int = 30) -> float:
-    """Mean over back-to-back launches of one packed decode step."""
+    """Mean over back-to-back launches of one packed decode step (or burst), per token step."""
     packed = pack_decode(engine, sched)
     for _ in range(3):  # compile (first use) and warm up
         engine.runner.collect(engine.runner.launch(packed))
@@ -62,7 +65,7 @@ def device_step_seconds(engine, sched, reps: int = 30) -> float:
     for _ in range(reps):
         handle = engine.runner.launch(packed)
     engine.runner.collect(handle)
-    return (time.perf_counter() - t0) / reps
+    return (time.perf_counter() - t0) / reps / sched.num_steps
 
 
 def engine_output_tokens(batch: int, context: int, max_num_batched_tokens: int,
@@ -76,8 +79,9 @@ def engine_output_tokens(batch: int, context: int, max_num_batched_tokens: int,
 
 def engine_step_seconds(engine, batch: int, context: int, steps: int = 40,
                         profile: bool = False) -> float:
-    """Mean engine.step() time in steady decode of `batch` real requests at ~`context`; with
-    `profile`, a further `steps` steps run under cProfile (not timed) and the top is printed."""
+    """Engine time per token step (one engine.step() is one launch: a step or a burst) in steady
+    decode of `batch` real requests at ~`context`, over `steps` token steps; with `profile`, as
+    many more run under cProfile (not timed) and the top is printed."""
     from jaxpage.engine import OutputKind  # noqa: PLC0415
     from jaxpage.sampling_params import SamplingParams  # noqa: PLC0415
 
@@ -90,15 +94,21 @@ def engine_step_seconds(engine, batch: int, context: int, steps: int = 40,
             output_kind=OutputKind.FINAL_ONLY)
     while any(s.num_output_tokens < 3 for r in engine.requests.values() for s in r.sequences):
         engine.step()  # prefill, then a few decode steps
+    probe = next(iter(engine.requests.values())).sequences[0]
+
+    def run_token_steps() -> int:
+        first = probe.num_output_tokens
+        while probe.num_output_tokens - first < steps:
+            engine.step()
+        return probe.num_output_tokens - first
+
     t0 = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    elapsed = (time.perf_counter() - t0) / steps
+    done = run_token_steps()
+    elapsed = (time.perf_counter() - t0) / done
     if profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        for _ in range(steps):
-            engine.step()
+        run_token_steps()
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
     while engine.has_unfinished_requests():
@@ -151,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-batch", type=int, default=64)
     parser.add_argument("--engine-context", type=int, default=2048)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--num-decode-steps", type=int, default=None,
+                        help="the engine's decode burst length (default: EngineConfig's)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--profile-host", action="store_true",
                         help="print where the host spends the engine's steady decode steps")
@@ -175,11 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     weights = common.weight_bytes(model)
     max_num_batched_tokens = 4096
     outputs = engine_output_tokens(args.engine_batch, args.engine_context, max_num_batched_tokens)
+    bursts = {} if args.num_decode_steps is None else {"num_decode_steps": args.num_decode_steps}
     engine = LLMEngine(model, config=EngineConfig(
         max_num_seqs=max(batches + [args.engine_batch]),
         max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max(contexts + [args.engine_context + outputs]) + 1, precompile=False,
-        attention_backend=args.backend, gpu_memory_utilization=args.gpu_memory_utilization))
+        attention_backend=args.backend, gpu_memory_utilization=args.gpu_memory_utilization,
+        **bursts))
+    num_steps = engine.config.num_decode_steps
     rows = []
     for context in contexts:
         for batch in batches:
@@ -218,12 +233,19 @@ def main(argv: list[str] | None = None) -> int:
             forward_call(engine.runner, packed))
         for item in sched.scheduled:
             engine.kv.free(item.seq.seq_id)
+    device_ms = device["step_ms"]
+    if num_steps > 1:  # the engine's device work: bursts of num_steps, per token step
+        sched = synthetic_decode(engine, args.engine_batch, args.engine_context, steps=num_steps)
+        device_ms = device_step_seconds(engine, sched) * 1e3
+        for item in sched.scheduled:
+            engine.kv.free(item.seq.seq_id)
     engine_s = engine_step_seconds(engine, args.engine_batch, args.engine_context,
                                    profile=args.profile_host)
     overhead = {"batch": args.engine_batch, "context": args.engine_context,
-                "engine_step_ms": engine_s * 1e3, "device_step_ms": device["step_ms"],
-                "host_overhead_ms": engine_s * 1e3 - device["step_ms"],
-                "host_overhead_frac": (engine_s * 1e3 - device["step_ms"]) / (engine_s * 1e3)}
+                "num_decode_steps": num_steps, "engine_step_ms": engine_s * 1e3,
+                "device_step_ms": device["step_ms"], "device_burst_step_ms": device_ms,
+                "host_overhead_ms": engine_s * 1e3 - device_ms,
+                "host_overhead_frac": (engine_s * 1e3 - device_ms) / (engine_s * 1e3)}
     common.print_table(rows, ["batch", "context", "step_ms", "GB_moved", "TB_per_s", "MBU",
                               "tokens_per_s", "note"])
     print(f"HBM bandwidth (copy, read+write): {bandwidth / 1e12:.2f} TB/s; weights "

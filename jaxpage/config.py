@@ -31,12 +31,14 @@ class EngineConfig:
     compilation_cache_dir: str | None = "default"  # JAX persistent cache + executables; None: off
     precompile: bool = True               # compile every bucket at start-up (False: on first use)
     compile_workers: int = dataclasses.field(default_factory=default_compile_workers)
+    num_decode_steps: int = 4             # decode steps one launch may run (vLLM's multi-step)
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> None:
             raise ValueError(f"{field} {why}, got {getattr(self, field)!r}")
 
-        for field in ("page_size", "max_num_seqs", "max_num_batched_tokens", "compile_workers"):
+        for field in ("page_size", "max_num_seqs", "max_num_batched_tokens", "compile_workers",
+                      "num_decode_steps"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(field, "must be a positive integer")

@@ -68,8 +68,12 @@ class _Step:
     sched: SchedulerOutput
     row_seqs: list[Sequence]
     sources: list[int]     # row -> index of the scheduled sequence whose logits it samples
-    slots: list[int]       # row -> index of its placeholder in token_ids (-1: no token)
+    slots: list[int]       # row -> index of its first placeholder in token_ids (-1: no token)
     handle: StepHandle
+
+    def num_tokens(self, row: int) -> int:
+        """Tokens row `row` samples (a burst's steps for its sequence; 0 when it samples none)."""
+        return 0 if self.slots[row] < 0 else self.sched.scheduled[self.sources[row]].num_steps
 
 
 class LLMEngine:
@@ -105,14 +109,17 @@ class LLMEngine:
             windows={g: self.model_config.window_of(g) for g in num_pages},
             enable_prefix_caching=self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs=self.config.max_num_seqs,
-                                   max_num_batched_tokens=self.config.max_num_batched_tokens)
+                                   max_num_batched_tokens=self.config.max_num_batched_tokens,
+                                   num_decode_steps=self.config.num_decode_steps,
+                                   max_model_len=self.max_model_len)
         self.runner = ModelRunner(
             model, num_pages=num_pages, page_size=self.config.page_size,
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             max_model_len=self.max_model_len, backend=self.backend, kv_dtype=kv_dtype,
             compile_workers=self.config.compile_workers, precompile=self.config.precompile,
-            max_copies=self.kv.max_copies_per_step, executable_cache_dir=exe_cache_dir)
+            max_copies=self.kv.max_copies_per_step, executable_cache_dir=exe_cache_dir,
+            num_decode_steps=self.config.num_decode_steps)
         log.info("KV cache: %s pages of %d tokens; attention backend %s",
                  num_pages, self.config.page_size, self.backend)
         if self.config.precompile:
@@ -226,7 +233,7 @@ class LLMEngine:
         rows = [self._row_spec(seq) for seq in row_seqs]
         handle = self.runner.dispatch(sched, rows, sources, self.kv)
         for seq, src in zip(row_seqs, sources):
-            seq.num_computed_tokens = sched.scheduled[src].start + sched.scheduled[src].num_new_tokens
+            seq.num_computed_tokens = sched.scheduled[src].end
             # cache full pages now: the next step's window release must find them cached
             self.kv.commit(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
             if seq.request.metrics.first_scheduled_time is None:
@@ -236,9 +243,10 @@ class LLMEngine:
             if not sched.scheduled[src].samples or seq.params.use_beam_search:
                 slots.append(-1)
                 continue
-            seq.token_ids.append(-1 - r)  # read on the device by the next step, if it needs it
-            seq.num_pending += 1
-            slots.append(len(seq.token_ids) - 1)
+            steps = sched.scheduled[src].num_steps
+            seq.token_ids += [-1 - r] * steps  # the last is read on the device by the next step
+            seq.num_pending += steps
+            slots.append(len(seq.token_ids) - steps)
             if (seq.num_output_tokens >= seq.params.max_tokens
                     or seq.num_tokens >= self.max_model_len):
                 seq.finishing = True  # ends at this token whatever it is: nothing more to compute
@@ -250,8 +258,9 @@ class LLMEngine:
         for seq, src in zip(step.row_seqs, step.sources):
             item = step.sched.scheduled[src]
             if self.kv.has(seq.seq_id):  # not preempted or finished since it was launched
-                self.kv.commit(seq.seq_id, seq.token_ids, item.start + item.num_new_tokens)
+                self.kv.commit(seq.seq_id, seq.token_ids, item.end)
         touched: dict[str, Request] = {}
+        per_step = [result.step(j) for j in range(result.num_steps)]
         for r, (seq, src) in enumerate(zip(step.row_seqs, step.sources)):
             if seq.finished or not step.sched.scheduled[src].samples:
                 continue
@@ -259,10 +268,14 @@ class LLMEngine:
             touched[request.request_id] = request
             if request.params.use_beam_search:
                 width = 2 * request.width
-                seq.beam_candidates = list(zip(result.top_ids[r][:width].tolist(),
-                                               result.top_logprobs[r][:width].tolist()))
-            else:
-                self._accept_token(seq, step.slots[r], int(result.token_ids[r]), result, r)
+                seq.beam_candidates = list(zip(per_step[0].top_ids[r][:width].tolist(),
+                                               per_step[0].top_logprobs[r][:width].tolist()))
+                continue
+            tokens = result.token_ids[:, r].tolist()
+            for j in range(step.num_tokens(r)):
+                if seq.finished:  # stopped inside a burst: the later tokens are dropped
+                    break
+                self._accept_token(seq, step.slots[r] + j, tokens[j], per_step[j], r)
         outputs = []
         for request in touched.values():
             if request.params.use_beam_search:

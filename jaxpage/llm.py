@@ -36,13 +36,14 @@ class LLM:
                  max_num_batched_tokens: int = 2048, attention_backend: str = "auto",
                  enable_prefix_caching: bool = True, *, max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.9, seed: int = 0,
-                 compile_workers: int | None = None, model: Gemma | None = None):
+                 compile_workers: int | None = None, num_decode_steps: int = 4,
+                 model: Gemma | None = None):
         engine_config = EngineConfig(
             page_size=page_size, num_pages=num_pages, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, attention_backend=attention_backend,
             enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-            **({} if compile_workers is None else {"compile_workers": compile_workers}))
+            num_decode_steps=num_decode_steps, **({} if compile_workers is None else {"compile_workers": compile_workers}))
         if model is None:
             from jaxpage.checkpoint import load_checkpoint  # noqa: PLC0415 - orbax is slow to import
 

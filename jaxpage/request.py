@@ -71,6 +71,11 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
+    def tokens_left(self, max_model_len: int) -> int:
+        """Tokens still to sample before max_tokens or the context limit ends the sequence."""
+        return min(self.params.max_tokens - self.num_output_tokens,
+                   max_model_len - self.num_tokens)
+
     @property
     def params(self) -> SamplingParams:
         return self.request.params

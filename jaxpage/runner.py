@@ -10,6 +10,10 @@ returns the logits of each sampling row) and `sample[S, plan]` (on-device sampli
 it holds no weights). In steps where some request uses penalties or min_tokens bans, a third,
 `penalise[S, L]`, applies them from token lists of bucketed length L that travel in a second
 buffer; keeping it apart lets one sampling executable serve every L.
+
+A decode burst (scheduler.py) is one executable, `burst[T, k, plan]`: k decode steps in a device
+loop, each forward pass followed by sampling, the sampled tokens the next pass's input. Row r runs
+its first num_steps[r] steps; in the rest it reads and writes only the null page.
 """
 
 from __future__ import annotations
@@ -88,23 +92,34 @@ class PackedLayout:
 def step_fields(num_tokens: int, num_seqs: int, max_pages: int,
                 groups: Seq[str]) -> tuple[Field, ...]:
     """Model inputs of one step: token_ids[T], positions[T], query_start_loc[S+1], kv_lens[S],
-    logits_indices[S] (packed row each sampling row reads) and a [S, max_pages] block table per
-    layer group."""
+    logits_indices[S] (packed row each sampling row reads), num_steps[S] (a burst's steps per
+    sequence) and a [S, max_pages] block table per layer group."""
     t, s = num_tokens, num_seqs
     return (("token_ids", (t,), "int32"), ("positions", (t,), "int32"),
             ("query_start_loc", (s + 1,), "int32"), ("kv_lens", (s,), "int32"),
-            ("logits_indices", (s,), "int32"),
+            ("logits_indices", (s,), "int32"), ("num_steps", (s,), "int32"),
             *((f"block_table.{g}", (s, max_pages), "int32") for g in groups))
 
 
 @dataclasses.dataclass
 class StepResult:
-    """Host copy of what the sampler produced for each scheduled sequence (in schedule order)."""
+    """Host copy of what the sampler produced for each row (in row order) in each of the
+    launch's steps (one, or a burst's k)."""
 
-    token_ids: np.ndarray          # [n]
-    logprobs: np.ndarray           # [n] log-prob of the chosen token
-    top_ids: np.ndarray | None     # [n, K]
+    token_ids: np.ndarray          # [steps, n]
+    logprobs: np.ndarray           # [steps, n] log-prob of the chosen token
+    top_ids: np.ndarray | None     # [steps, n, K]
     top_logprobs: np.ndarray | None
+
+    @property
+    def num_steps(self) -> int:
+        return self.token_ids.shape[0]
+
+    def step(self, j: int) -> "StepResult":
+        """Step j alone: arrays without the steps axis ([n], [n, K])."""
+        return StepResult(self.token_ids[j], self.logprobs[j],
+                          None if self.top_ids is None else self.top_ids[j],
+                          None if self.top_logprobs is None else self.top_logprobs[j])
 
 
 def copy_pages(kv_caches, copies: jax.Array, layer_types: Seq[str], groups: Seq[str]):
@@ -124,7 +139,7 @@ class ModelRunner:
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  backend: str, kv_dtype=jnp.bfloat16, compile_workers: int = 8,
                  precompile: bool = True, max_copies: int = 16,
-                 executable_cache_dir: str | None = None):
+                 executable_cache_dir: str | None = None, num_decode_steps: int = 1):
         self.config = model.config
         self.act_dtype = model.embedder.embedding.get_value().dtype
         self.graphdef, state = nnx.split(model)
@@ -137,12 +152,14 @@ class ModelRunner:
         self.backend = backend
         self.groups = self.config.layer_groups
         self.max_copies = max_copies
+        self.num_decode_steps = num_decode_steps
         self.kv_caches = init_kv_cache(self.config, num_pages, page_size, kv_dtype,
                                        max_array_elements=max_cache_array_elements(backend))
         self.token_buckets = token_buckets(max_num_batched_tokens)
         self._forward: dict[tuple[int, bool], object] = {}
         self._sample: dict[tuple[sampler.SamplerPlan, bool], object] = {}
         self._penalise: dict[tuple[int, int], object] = {}
+        self._burst: dict[tuple[int, sampler.SamplerPlan], object] = {}
         self._copy: dict[None, object] = {}  # the copy-on-write executable, run only when needed
         self._compile_workers = compile_workers
         self._variant_set = set(self._variants())
@@ -168,7 +185,8 @@ class ModelRunner:
                 "backend": self.backend, "groups": tuple(self.groups),
                 "layer_types": tuple(self.config.layer_types), "page_size": self.page_size,
                 "max_pages": self.max_pages, "max_num_seqs": self.max_num_seqs,
-                "max_model_len": self.max_model_len, "max_copies": self.max_copies}
+                "max_model_len": self.max_model_len, "max_copies": self.max_copies,
+                "num_decode_steps": self.num_decode_steps}
 
     # -- buckets and layouts ---------------------------------------------------------------------
     def seq_bucket(self, num_tokens_bucket: int) -> int:
@@ -217,6 +235,15 @@ class ModelRunner:
             variants += [(t, True) for t in self.token_buckets if t <= self.max_num_seqs]
         return variants
 
+    def _burst_keys(self) -> list[tuple[int, sampler.SamplerPlan]]:
+        """(token bucket, plan) of every burst: the buckets a decode of up to max_num_seqs
+        sequences runs in, with and without top-k/top-p filtering."""
+        if self.num_decode_steps == 1:
+            return []
+        largest = self.bucket_for(self.max_num_seqs)
+        return [(t, sampler.SamplerPlan(self.seq_bucket(t), filtering=f))
+                for t in self.token_buckets if t <= largest for f in (False, True)]
+
     # -- compilation -----------------------------------------------------------------------------
     def executable_keys(self) -> list[tuple[str, object]]:
         """(kind, key) of every executable serving may need: forward buckets, sampler plans,
@@ -224,6 +251,7 @@ class ModelRunner:
         seq_buckets = sorted({self.seq_bucket(t) for t in self.token_buckets})
         plans = sampler.all_plans(seq_buckets, self.max_model_len)
         return [("forward", v) for v in self._variants()] + [
+            ("burst", k) for k in self._burst_keys()] + [
             ("sample", k) for k in dict.fromkeys(map(_sample_key, plans))] + [
             ("penalise", k) for k in dict.fromkeys(map(_penalise_key, plans)) if k] + [
             ("copy", None)]
@@ -293,14 +321,14 @@ class ModelRunner:
 
     def _table(self, kind: str) -> dict:
         return {"forward": self._forward, "sample": self._sample, "penalise": self._penalise,
-                "copy": self._copy}[kind]
+                "copy": self._copy, "burst": self._burst}[kind]
 
     def _args(self, kind: str, key) -> tuple[tuple[int, ...], tuple]:
         """(donated argument numbers, arguments to lower with) of one executable."""
         if kind == "copy":
             return (0,), (self.kv_caches, jax.ShapeDtypeStruct(
                 (len(self.groups), 2, self.max_copies), jnp.int32))
-        if kind == "forward":
+        if kind in ("forward", "burst"):
             size = self.step_layout(key[0]).size
             return (1,), (self._state_leaves, self.kv_caches,
                           jax.ShapeDtypeStruct((size,), jnp.int32),
@@ -319,6 +347,8 @@ class ModelRunner:
             return lambda kv, c: copy_pages(kv, c, types, groups)
         if kind == "penalise":
             return sampler.penalise
+        if kind == "burst":
+            return self._burst_fn(*key)
         return self._forward_fn(*key) if kind == "forward" else self._sample_fn(key[0])
 
     def _lower(self, kind: str, key):
@@ -372,9 +402,7 @@ class ModelRunner:
 
         def forward(state_leaves, kv_caches, packed, prev_tokens):
             f = model_layout.unpack(packed)
-            # -(1 + r) stands for the token the previous step sampled in row r
-            ids = f["token_ids"]
-            ids = jnp.where(ids < 0, prev_tokens[jnp.maximum(-1 - ids, 0)], ids)
+            ids = _resolve_placeholders(f["token_ids"], prev_tokens)
             meta = AttentionMetadata(
                 query_start_loc=f["query_start_loc"], kv_lens=f["kv_lens"],
                 block_tables={g: f[f"block_table.{g}"] for g in groups},
@@ -385,6 +413,44 @@ class ModelRunner:
             return model.logits(hidden[f["logits_indices"]]), rows, kv_caches
 
         return forward
+
+    def _burst_fn(self, num_tokens_bucket: int, plan: sampler.SamplerPlan):
+        graphdef, state_def = self.graphdef, self._state_def
+        backend, groups, num_steps = self.backend, self.groups, self.num_decode_steps
+        t, s = num_tokens_bucket, plan.num_rows
+        model_layout = PackedLayout(step_fields(t, s, self.max_pages, groups))
+        rows_layout = self.row_layout(s)
+
+        def burst(state_leaves, kv_caches, packed, prev_tokens):
+            f = model_layout.unpack(packed)
+            rows = rows_layout.unpack(packed[model_layout.size:])
+            model = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
+            row_steps = f["num_steps"]
+            token_steps = jnp.pad(row_steps, (0, t - s))  # a decode: token i is row i's
+
+            def decode_step(carry, j):
+                kv_caches, ids = carry
+                live = j < row_steps
+                # rows past their last step attend to, and write, one slot of the null page
+                meta = AttentionMetadata(
+                    query_start_loc=f["query_start_loc"],
+                    kv_lens=jnp.where(live, f["kv_lens"] + j, 1),
+                    block_tables={g: jnp.where(live[:, None], f[f"block_table.{g}"], 0)
+                                  for g in groups},
+                    backend=backend, max_query_len=1)
+                positions = jnp.where(j < token_steps, f["positions"] + j, 0)
+                hidden, kv_caches = model(ids, positions, kv_caches, meta)
+                step_rows = dict(rows, step_index=rows["step_index"] + j.astype(jnp.uint32))
+                out = sampler.sample(model.logits(hidden[f["logits_indices"]]), step_rows, plan)
+                return (kv_caches, jnp.pad(out.token_ids, (0, t - s))), out
+
+            ids = _resolve_placeholders(f["token_ids"], prev_tokens)
+            (kv_caches, _), outs = jax.lax.scan(decode_step, (kv_caches, ids),
+                                                jnp.arange(num_steps, dtype=jnp.int32))
+            prev = jnp.pad(outs.token_ids[-1], (0, self.max_num_seqs - s))
+            return outs, prev, kv_caches
+
+        return burst
 
     def _sample_fn(self, plan: sampler.SamplerPlan):
         rows_layout = self.row_layout(plan.num_rows)
@@ -413,6 +479,9 @@ class ModelRunner:
         """The step's host buffer (one transfer) and the executables it runs with."""
         t = self.bucket_for(max(sched.num_tokens, len(rows)))
         decode_only = sched.is_decode_only and (t, True) in self._variant_set
+        if sched.num_steps > 1 and sched.num_steps != self.num_decode_steps:
+            raise ValueError(f"a burst of {sched.num_steps} steps; the executables run "
+                             f"{self.num_decode_steps}")
         buf, v = self.step_layout(t).new_buffer()
         pos, last = 0, []
         for i, item in enumerate(sched.scheduled):
@@ -421,6 +490,7 @@ class ModelRunner:
             v["positions"][pos:pos + n] = np.arange(start, start + n)
             v["query_start_loc"][i] = pos
             v["kv_lens"][i] = start + n
+            v["num_steps"][i] = item.num_steps
             pos += n
             last.append(pos - 1)
             for g in self.groups:
@@ -443,30 +513,44 @@ class ModelRunner:
             else:
                 extra[name] = arr
 
-        return PackedStep((t, decode_only), plan, buf, extra, len(rows), copies)
+        return PackedStep((t, decode_only), plan, buf, extra, len(rows), copies,
+                          burst=sched.num_steps > 1)
 
     def launch(self, step: "PackedStep") -> "StepHandle":
         """Send the packed step to the device and start it; returns without waiting."""
         if step.copies is not None:
             self.kv_caches = self._executable("copy", None)(self.kv_caches, step.copies)
         # host buffers go in as numpy arrays: the executable's own transfer is the cheapest
-        logits, row_inputs, self.kv_caches = self._executable("forward", step.bucket)(
-            self._state_leaves, self.kv_caches, step.buffer, self._prev_tokens)
-        penalise = _penalise_key(step.plan)
-        penalised = self._executable("penalise", penalise)(logits, step.extra) if penalise else None
-        out, self._prev_tokens = self._executable("sample", _sample_key(step.plan))(
-            logits, row_inputs, penalised)
+        if step.burst:
+            out, self._prev_tokens, self.kv_caches = self._executable("burst", step.burst_key)(
+                self._state_leaves, self.kv_caches, step.buffer, self._prev_tokens)
+        else:
+            logits, row_inputs, self.kv_caches = self._executable("forward", step.bucket)(
+                self._state_leaves, self.kv_caches, step.buffer, self._prev_tokens)
+            penalise = _penalise_key(step.plan)
+            penalised = (self._executable("penalise", penalise)(logits, step.extra)
+                         if penalise else None)
+            out, self._prev_tokens = self._executable("sample", _sample_key(step.plan))(
+                logits, row_inputs, penalised)
         for array in jax.tree.leaves(out):  # read back as soon as sampled, not when collected
             array.copy_to_host_async()
-        return StepHandle(out, step.num_rows, step.plan.num_logprobs > 0)
+        return StepHandle(out, step.num_rows, step.plan.num_logprobs > 0, step.burst)
 
     def collect(self, handle: "StepHandle") -> StepResult:
         """Wait for a dispatched step's sampled tokens and copy them to the host."""
         host, n = jax.device_get(handle.output), handle.num_rows
+        if not handle.burst:  # one step: give its arrays the steps axis
+            host = jax.tree.map(lambda a: a[None], host)
         if handle.logprobs:
-            return StepResult(host.token_ids[:n], host.logprobs[:n], host.top_ids[:n],
-                              host.top_logprobs[:n])
-        return StepResult(host.token_ids[:n], host.logprobs[:n], None, None)
+            return StepResult(host.token_ids[:, :n], host.logprobs[:, :n], host.top_ids[:, :n],
+                              host.top_logprobs[:, :n])
+        return StepResult(host.token_ids[:, :n], host.logprobs[:, :n], None, None)
+
+
+def _resolve_placeholders(token_ids: jax.Array, prev_tokens: jax.Array) -> jax.Array:
+    """Token ids with each -(1 + r) replaced by the token row r of the previous launch sampled
+    (its last step's, for a burst)."""
+    return jnp.where(token_ids < 0, prev_tokens[jnp.maximum(-1 - token_ids, 0)], token_ids)
 
 
 def _timed(fn, *args):
@@ -488,11 +572,13 @@ def _penalise_key(plan: sampler.SamplerPlan) -> tuple[int, int] | None:
 
 
 def _compile_order(kind_key: tuple[str, object]) -> tuple:
-    """Sort key that puts the longest compiles first: forward steps (largest bucket first), the
-    page copy, sampler plans with the most features, then the penalty steps."""
+    """Sort key that puts the longest compiles first: forward steps and bursts (largest bucket
+    first), the page copy, sampler plans with the most features, then the penalty steps."""
     kind, key = kind_key
     if kind == "forward":
-        return (0, -key[0], key[1])
+        return (0, -key[0], int(key[1]))
+    if kind == "burst":
+        return (0, -key[0], 2, int(key[1].filtering))
     if kind == "copy":
         return (1,)
     if kind == "penalise":
@@ -512,12 +598,18 @@ class PackedStep:
     extra: dict[str, np.ndarray]
     num_rows: int
     copies: np.ndarray | None = None  # [groups, (src, dst), max_copies] page copies, if any
+    burst: bool = False       # runs the runner's num_decode_steps decode steps
+
+    @property
+    def burst_key(self) -> tuple[int, sampler.SamplerPlan]:
+        return self.bucket[0], self.plan
 
 
 @dataclasses.dataclass
 class StepHandle:
     """A dispatched step whose sampler output is still on (or on its way from) the device."""
 
-    output: sampler.SamplerOutput
+    output: sampler.SamplerOutput  # arrays [R, ...], or [k, R, ...] for a burst
     num_rows: int
     logprobs: bool
+    burst: bool = False

@@ -120,6 +120,14 @@ def reads_output_tokens(params: SamplingParams) -> bool:
             or params.frequency_penalty != 0.0)
 
 
+def samples_ahead(params: SamplingParams, step_index: int) -> bool:
+    """Whether a row can sample several steps in one launch, each step's token feeding the next
+    on the device: its plan needs no token lists (penalties; min_tokens bans, which hold until
+    step min_tokens) and no top logprobs. Beam search rows never can."""
+    return not (reads_output_tokens(params) or params.min_tokens > step_index or params.logprobs
+                or params.use_beam_search)
+
+
 def _banned_ids(row: RowSpec) -> list[int]:
     if row.step_index >= row.params.min_tokens:
         return []

@@ -261,6 +261,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=d.enable_prefix_caching)
     engine.add_argument("--seed", type=int, default=d.seed)
+    engine.add_argument("--num-decode-steps", type=int, default=d.num_decode_steps,
+                        help="decode steps one launch may run when only decodes are running "
+                             "(1: one step per launch)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, default=8000)
@@ -285,7 +288,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         attention_backend=args.attention_backend,
         gpu_memory_utilization=args.gpu_memory_utilization,
-        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed)
+        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+        num_decode_steps=args.num_decode_steps)
 
 
 def load_engine(args: argparse.Namespace) -> LLMEngine:

@@ -35,7 +35,9 @@ def test_roofline_reports_mbu_and_host_overhead(results_dir):
                    "--dtype", "float32", "--profile-device"])
     out = result(results_dir, "roofline-gemma3-tiny")
     assert len(out["rows"]) == 2 and all(0 < r["MBU"] for r in out["rows"])
-    assert out["host_overhead"]["engine_step_ms"] > 0
+    overhead = out["host_overhead"]
+    assert overhead["engine_step_ms"] > 0 and overhead["num_decode_steps"] == 4
+    assert overhead["device_burst_step_ms"] > 0  # per token step of the engine's 4-step bursts
     assert "no device events" in out["device_profile"]["note"]  # the CPU has no device streams
     assert all(v > 0 for v in out["device_profile"]["host_launch"].values())
 

@@ -17,7 +17,7 @@ FAMILIES = ["gemma2", "gemma3"]
 @pytest.fixture(scope="module")
 def alone():
     """Every request run on its own through a roomy engine: the reference outputs."""
-    return {f: run_alone(make_engine(f), REQUESTS) for f in FAMILIES}
+    return {f: run_alone(make_engine(f, num_decode_steps=1), REQUESTS) for f in FAMILIES}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -48,7 +48,7 @@ SHORT_REQUESTS = random_requests(seed=4, n=20, max_prompt=24, max_output=6)
 def test_outputs_unchanged_through_each_pallas_kernel(family, backend):
     """The Pallas kernels (interpret mode on this host) inside the batched engine give every
     request what the XLA reference gives it alone -- the whole model through each kernel."""
-    alone = run_alone(make_engine(family, page_size=8), SHORT_REQUESTS)
+    alone = run_alone(make_engine(family, page_size=8, num_decode_steps=1), SHORT_REQUESTS)
     engine = make_engine(family, attention_backend=backend, page_size=8, num_pages=64)
     assert engine.backend == backend
     assert run_all(engine, SHORT_REQUESTS) == alone

@@ -186,10 +186,11 @@ def test_start_up_records_lowering_and_compile_seconds_of_every_executable(exe_d
 
 def test_the_longest_compiles_are_lowered_first(exe_dir, lowered):
     make_engine("gemma2", **SMALL)
+    rank = {"forward": 0, "burst": 0, "copy": 1, "sample": 2, "penalise": 3}
     kinds = [kind for kind, _ in lowered]
-    forwards = [key for kind, key in lowered if kind == "forward"]
-    assert kinds == sorted(kinds, key=["forward", "copy", "sample", "penalise"].index)
-    assert [t for t, _ in forwards] == sorted((t for t, _ in forwards), reverse=True)
+    assert kinds == sorted(kinds, key=rank.get) and "burst" in kinds
+    buckets = [key[0] for kind, key in lowered if kind in ("forward", "burst")]
+    assert buckets == sorted(buckets, reverse=True)
     plain = [i for i, (kind, key) in enumerate(lowered) if kind == "sample" and not (
         key[0].filtering or key[0].num_logprobs or key[1])]
     assert plain and plain[0] > max(i for i, (kind, key) in enumerate(lowered)
@@ -203,13 +204,15 @@ def test_a_larger_token_budget_reuses_every_executable_whose_inputs_did_not_chan
     engine = make_engine("gemma2", **(SMALL | {"max_num_batched_tokens": 64}))
     engine.save_executables()
     runner = engine.runner
-    # a new bucket (64), and a larger local-layer KV pool for every step and the page copy;
-    # the sampler plans and penalty steps see the same inputs and are loaded
+    # a new bucket (64), and a larger local-layer KV pool for every step, burst and the page
+    # copy; the sampler plans and penalty steps see the same inputs and are loaded
+    bursts = {("burst", key) for key in runner._burst_keys()}
     assert set(lowered) == {("forward", (16, False)), ("forward", (32, False)),
-                            ("forward", (64, False)), ("copy", None)}
+                            ("forward", (64, False)), ("copy", None)} | bursts and bursts
     # one row bucket: 2 x 2 x 2 sampler plans; one token-list length: one penalty step
     assert runner.executables_loaded == len(runner._sample) + len(runner._penalise) == 8 + 1
-    assert len(entries(copy_of_filled)) == len(runner.executable_keys()) + 3
+    # beside them, the old entries of what was lowered again: two forward steps, the copy, bursts
+    assert len(entries(copy_of_filled)) == len(runner.executable_keys()) + 3 + len(bursts)
 
 
 @pytest.mark.parametrize("change, reused", [

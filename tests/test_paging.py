@@ -81,13 +81,15 @@ def test_local_pages_behind_the_window_are_released_as_decoding_moves_on():
     assert kv.num_held_pages(1, "global") == 15
 
 
+@pytest.mark.parametrize("num_decode_steps", [1, 3])
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["add", "step", "step", "step", "abort"]),
                           st.integers(1, 60), st.integers(1, 30)), min_size=1, max_size=60),
        st.integers(1, 24))
-def test_random_add_step_abort_keeps_invariants_and_frees_everything(ops, budget):
+def test_random_add_step_abort_keeps_invariants_and_frees_everything(num_decode_steps, ops, budget):
     kv = make_manager(global_pages=30, local_pages=14)
-    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=budget)
+    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=budget,
+                      num_decode_steps=num_decode_steps, max_model_len=200)
     live: dict[int, Sequence] = {}
     next_id = 0
 
@@ -98,11 +100,13 @@ def test_random_add_step_abort_keeps_invariants_and_frees_everything(ops, budget
         for item in out.scheduled:
             seq = item.seq
             assert item.start == seq.num_computed_tokens
-            assert len(kv.block_table(seq.seq_id, "global")) * PAGE >= item.start + item.num_new_tokens
-            seq.num_computed_tokens += item.num_new_tokens
+            assert item.num_steps == 1 or (item.num_new_tokens == 1 and out.is_decode_only)
+            assert len(kv.block_table(seq.seq_id, "global")) * PAGE >= item.end
+            seq.num_computed_tokens = item.end
             kv.commit(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
             if item.samples:
-                seq.token_ids.append(7)
+                seq.token_ids += [7] * item.num_steps
+                assert seq.num_output_tokens <= seq.params.max_tokens
                 if seq.num_output_tokens >= seq.params.max_tokens:
                     sched.remove(seq)
                     live.pop(seq.seq_id)

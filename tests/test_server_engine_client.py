@@ -111,8 +111,12 @@ def test_an_unservable_prompt_raises_the_engine_error_and_leaves_nothing_behind(
     collect(client.submit([(None, PROMPTS[1])], SamplingParams(max_tokens=2)))
 
 
-def test_latency_metrics_follow_each_request(started):
-    client = started()
+@pytest.mark.parametrize("num_decode_steps, token_steps", [(1, 5), (4, 2)])
+def test_latency_metrics_follow_each_request(started, num_decode_steps, token_steps):
+    """One inter-token latency per step that brought tokens after the first: with bursts of 4,
+    5 tokens come as the prefill's one, then one burst of 4."""
+    client = started(lambda: make_engine("gemma3", max_num_seqs=2,
+                                         num_decode_steps=num_decode_steps))
     collect(client.submit([(None, PROMPTS[0])], SamplingParams(max_tokens=5, ignore_eos=True)))
     m = client.metrics
     assert m.ttft._sum.get() > 0 and m.e2e._sum.get() >= m.ttft._sum.get()
@@ -120,7 +124,7 @@ def test_latency_metrics_follow_each_request(started):
                                                            ("e2e", m.e2e))}
     count = {name: next(s.value for s in samples if s.name.endswith("_count"))
              for name, samples in counts.items()}
-    assert count == {"ttft": 1, "itl": 4, "e2e": 1}
+    assert count == {"ttft": 1, "itl": token_steps - 1, "e2e": 1}
     assert m.success.labels(finished_reason="length")._value.get() == 1
 
 
