@@ -1,6 +1,7 @@
 """Decode bursts (several decode steps per launch): a request's tokens are the ones single steps
 give it; bursts run only where nothing needs the host between tokens."""
 
+import jax
 import pytest
 
 from engine_utils import make_engine, random_requests, run_all
@@ -130,6 +131,15 @@ def test_penalties_logprobs_and_min_tokens_keep_their_batch_to_single_steps():
                 for o in e.step():
                     out[o.request_id] = (o.outputs[0].token_ids, o.outputs[0].logprobs)
         assert got == want and not any(launches), params
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
+def test_the_compiled_gpu_kernels_give_the_same_tokens_in_bursts():
+    config = dict(attention_backend="pallas_gpu", max_num_seqs=16)  # decode kernels either way
+    single, _ = run_with_steps("gemma3", 1, **config)
+    bursts, launches = run_with_steps("gemma3", 4, **config)
+    assert bursts == single and sum(launches) >= 3
 
 
 # -- the scheduler's choice -------------------------------------------------------------------
