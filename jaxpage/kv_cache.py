@@ -13,7 +13,7 @@ output.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -146,3 +146,13 @@ def free_kv_bytes(config: GemmaConfig, *, act_dtype, max_num_seqs: int, max_num_
     logits = 3 * max_num_seqs * c.vocab_size * 4
     reserve = activations + logits + (512 << 20)
     return int(limit * memory_utilization) - stats.get("bytes_in_use", 0) - reserve
+
+
+def copy_pages(kv_caches, copies: jax.Array, layer_types: Sequence[str], groups: Sequence[str]):
+    """Copy-on-write: page copies[g, 0, i] -> copies[g, 1, i] in every layer of group g
+    (padding copies are 0 -> 0, the null page onto itself)."""
+    out = []
+    for layer_cache, t in zip(kv_caches, layer_types):
+        src, dst = copies[groups.index(t)]
+        out.append(jax.tree.map(lambda pages: pages.at[:, dst].set(pages[:, src]), layer_cache))
+    return out

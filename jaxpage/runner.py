@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import logging
 import time
 from typing import Sequence as Seq
@@ -33,72 +32,12 @@ from flax import nnx
 from jaxpage import compat, sampler
 from jaxpage.attention import AttentionMetadata, max_cache_array_elements
 from jaxpage.executable_cache import ExecutableCache
-from jaxpage.kv_cache import init_kv_cache
+from jaxpage.kv_cache import copy_pages, init_kv_cache
 from jaxpage.models.gemma import Gemma
 from jaxpage.scheduler import SchedulerOutput
+from jaxpage.step_layout import PackedLayout, step_fields, token_buckets
 
 log = logging.getLogger(__name__)
-
-
-def token_buckets(max_num_batched_tokens: int, smallest: int = 16) -> tuple[int, ...]:
-    """Powers of two from `smallest`, ending exactly at max_num_batched_tokens."""
-    buckets, t = [], smallest
-    while t < max_num_batched_tokens:
-        buckets.append(t)
-        t *= 2
-    return tuple(buckets) + (max_num_batched_tokens,)
-
-
-Field = tuple[str, tuple[int, ...], str]  # (name, shape, dtype name)
-
-
-@dataclasses.dataclass(frozen=True)
-class PackedLayout:
-    """Named arrays packed back to back into one flat int32 buffer (float32 fields bit-cast)."""
-
-    fields: tuple[Field, ...]
-
-    @functools.cached_property
-    def offsets(self) -> dict[str, tuple[int, tuple[int, ...], str]]:
-        """name -> (start, shape, dtype) in the flat buffer."""
-        out, pos = {}, 0
-        for name, shape, dtype in self.fields:
-            out[name] = (pos, shape, dtype)
-            pos += int(np.prod(shape))
-        return out
-
-    @functools.cached_property
-    def size(self) -> int:
-        return sum(int(np.prod(shape)) for _, shape, _ in self.fields)
-
-    def unpack(self, packed: jax.Array) -> dict[str, jax.Array]:
-        """Device side: static slices of the buffer, float fields bit-cast back."""
-        out = {}
-        for name, (start, shape, dtype) in self.offsets.items():
-            x = jax.lax.slice(packed, (start,), (start + int(np.prod(shape)),)).reshape(shape)
-            out[name] = x if dtype == "int32" else jax.lax.bitcast_convert_type(x, jnp.dtype(dtype))
-        return out
-
-    def new_buffer(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Host side: a zeroed buffer and writable views of every field into it."""
-        buf = np.zeros(self.size, np.int32)
-        views = {}
-        for name, (start, shape, dtype) in self.offsets.items():
-            view = buf[start:start + int(np.prod(shape))].reshape(shape)
-            views[name] = view if dtype == "int32" else view.view(np.dtype(dtype))
-        return buf, views
-
-
-def step_fields(num_tokens: int, num_seqs: int, max_pages: int,
-                groups: Seq[str]) -> tuple[Field, ...]:
-    """Model inputs of one step: token_ids[T], positions[T], query_start_loc[S+1], kv_lens[S],
-    logits_indices[S] (packed row each sampling row reads), num_steps[S] (a burst's steps per
-    sequence) and a [S, max_pages] block table per layer group."""
-    t, s = num_tokens, num_seqs
-    return (("token_ids", (t,), "int32"), ("positions", (t,), "int32"),
-            ("query_start_loc", (s + 1,), "int32"), ("kv_lens", (s,), "int32"),
-            ("logits_indices", (s,), "int32"), ("num_steps", (s,), "int32"),
-            *((f"block_table.{g}", (s, max_pages), "int32") for g in groups))
 
 
 @dataclasses.dataclass
@@ -120,16 +59,6 @@ class StepResult:
         return StepResult(self.token_ids[j], self.logprobs[j],
                           None if self.top_ids is None else self.top_ids[j],
                           None if self.top_logprobs is None else self.top_logprobs[j])
-
-
-def copy_pages(kv_caches, copies: jax.Array, layer_types: Seq[str], groups: Seq[str]):
-    """Copy-on-write: page copies[g, 0, i] -> copies[g, 1, i] in every layer of group g
-    (padding copies are 0 -> 0, the null page onto itself)."""
-    out = []
-    for layer_cache, t in zip(kv_caches, layer_types):
-        src, dst = copies[groups.index(t)]
-        out.append(jax.tree.map(lambda pages: pages.at[:, dst].set(pages[:, src]), layer_cache))
-    return out
 
 
 class ModelRunner:
@@ -506,6 +435,9 @@ class ModelRunner:
                 if pending[g]:
                     copies[i, :, :len(pending[g])] = np.asarray(pending[g], np.int32).T
         plan = sampler.plan_for(rows, self.seq_bucket(t), self.max_model_len)
+        if sched.num_steps > 1 and (plan.num_logprobs or plan.penalty_len):
+            raise ValueError("a burst's rows must sample without penalties, bans or top "
+                             "logprobs (sampler.samples_ahead)")
         extra = {}
         for name, arr in sampler.host_arrays(plan, rows).items():
             if name in v:

@@ -8,7 +8,7 @@ import pytest
 from jaxpage.attention import max_cache_array_elements
 from jaxpage.kv_cache import addressable_pages, head_shards, init_kv_cache, plan_num_pages
 from jaxpage.models.config import get_config
-from jaxpage.runner import copy_pages
+from jaxpage.kv_cache import copy_pages
 
 
 @pytest.mark.parametrize("heads, per_head, limit, want", [
