@@ -3,20 +3,24 @@
 `trace_steps(run, reps)` calls `run()` `reps` times under `jax.profiler`, reads the trace back with
 `jax.profiler.ProfileData` and summarises the device's activity per step: the span, the time some
 kernel was running (busy), the idle gaps (launch latency the device waited for), kernel counts and
-the kernels that take the most time. On a backend without device activity in the trace (CPU),
-the summary says so instead.
+the kernels that take the most time. `trace_run(run)` traces one long call (a whole benchmark run)
+and adds where the device time went per executable (XLA module). On a backend without device
+activity in the trace (CPU), the summary says so instead.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import glob
+import re
 import tempfile
 
 import jax
 
 # Lines of a device plane that restate the streams' events at a coarser level.
 _DERIVED_LINES = ("XLA Modules", "XLA Ops", "Steps", "Framework", "Source", "XLA TraceMe")
+_MODULE_LINE = "XLA Modules"  # one event per executable run: its span on the device
 
 
 def kernel_kind(name: str) -> str:
@@ -33,22 +37,61 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def device_events(path: str) -> tuple[list[tuple[int, int, str]], dict[str, int]]:
-    """(start_ns, duration_ns, name) of every device-stream event in an .xplane.pb file, and
-    the number of events per line (to show what was read)."""
+def read_trace(path: str) -> tuple[list, list, dict[str, int]]:
+    """(kernels, modules, events per line) of an .xplane.pb file: kernels are the device
+    streams' events, modules the executable runs of the "XLA Modules" line, each a sorted list
+    of (start_ns, duration_ns, name)."""
     from jax.profiler import ProfileData  # noqa: PLC0415
 
-    events, per_line = [], collections.Counter()
+    kernels, modules, per_line = [], [], collections.Counter()
     for plane in ProfileData.from_file(path).planes:
         if not plane.name.startswith("/device:"):
             continue
         for line in plane.lines:
-            if line.name.startswith(_DERIVED_LINES):
+            if line.name == _MODULE_LINE:
+                into = modules
+            elif line.name.startswith(_DERIVED_LINES):
                 continue
+            else:
+                into = kernels
             for e in line.events:
-                events.append((int(e.start_ns), int(e.duration_ns), e.name))
+                into.append((int(e.start_ns), int(e.duration_ns), e.name))
                 per_line[f"{plane.name} {line.name}"] += 1
-    return sorted(events), dict(per_line)
+    return sorted(kernels), sorted(modules), dict(per_line)
+
+
+def device_events(path: str) -> tuple[list[tuple[int, int, str]], dict[str, int]]:
+    """(start_ns, duration_ns, name) of every device-stream event in an .xplane.pb file, and
+    the number of events per line (to show what was read)."""
+    kernels, _, per_line = read_trace(path)
+    return kernels, per_line
+
+
+def module_name(event_name: str) -> str:
+    """An executable's name without the run id the profiler appends ("jit_forward_t64(12)")."""
+    return re.sub(r"\(\d+\)$", "", event_name)
+
+
+def by_module(modules: list[tuple[int, int, str]], kernels: list[tuple[int, int, str]]) -> list[dict]:
+    """Per executable, largest first: runs, device span (ms) and kernel time by kind (ms) of the
+    kernels that start inside its runs; kernels outside any run are listed as "(no module)"."""
+    starts = [s for s, _, _ in modules]
+    rows: dict[str, dict] = {}
+
+    def row(name: str) -> dict:
+        return rows.setdefault(name, {"module": name, "runs": 0, "span_ms": 0.0, "kernel_ms": {}})
+
+    for _, d, name in modules:
+        r = row(module_name(name))
+        r["runs"] += 1
+        r["span_ms"] += d / 1e6
+    for s, d, name in kernels:
+        i = bisect.bisect_right(starts, s) - 1
+        inside = i >= 0 and s < modules[i][0] + modules[i][1]
+        r = row(module_name(modules[i][2]) if inside else "(no module)")
+        kind = kernel_kind(name)
+        r["kernel_ms"][kind] = r["kernel_ms"].get(kind, 0.0) + d / 1e6
+    return sorted(rows.values(), key=lambda r: -(r["span_ms"] or sum(r["kernel_ms"].values())))
 
 
 def summarize(events: list[tuple[int, int, str]], reps: int, top: int = 15) -> dict:
@@ -94,9 +137,11 @@ def host_events(path: str) -> list[tuple[str, str, int]]:
             for line in plane.lines for e in line.events]
 
 
-def _profile(run, reps: int, block_each: bool, read):
-    """`read(path)` of the trace of `reps` calls of `run()` (None if no trace was written)."""
-    jax.block_until_ready(run())  # compiled and warm before the trace starts
+def _profile(run, reps: int, block_each: bool, read, warm_up: bool = True):
+    """`read(path)` of the trace of `reps` calls of `run()` (None if no trace was written);
+    `run()` is called once before the trace unless `warm_up` is False."""
+    if warm_up:
+        jax.block_until_ready(run())  # compiled and warm before the trace starts
     with tempfile.TemporaryDirectory() as logdir:
         with jax.profiler.trace(logdir):
             out = None
@@ -116,6 +161,21 @@ def trace_steps(run, reps: int = 10) -> dict:
         return {"note": "the profiler wrote no trace"}
     events, lines = read
     return {**summarize(events, reps), "lines": lines}
+
+
+def trace_run(run) -> dict:
+    """Profile one call of `run()` (already warm: a whole benchmark run, say): the device's busy
+    and idle time over it, kernels by kind, and the same split per executable."""
+    read = _profile(run, 1, False, read_trace, warm_up=False)
+    if read is None:
+        return {"note": "the profiler wrote no trace"}
+    kernels, modules, lines = read
+    summary = summarize(kernels, 1)
+    if "note" in summary:
+        return summary
+    summary["modules"] = (by_module(modules, kernels) if modules
+                          else "no XLA Modules line in the trace")
+    return {**summary, "lines": lines}
 
 
 def trace_host_call(run, reps: int = 10, top: int = 30) -> list[dict]:
@@ -145,3 +205,10 @@ def print_summary(summary: dict) -> None:
         print(f"  {kind:22s} {v['count']:7.1f} x  {v['us']:9.1f} us")
     for k in summary["top_kernels"]:
         print(f"  {k['us']:9.1f} us  {k['count']:6.1f} x  {k['name']}")
+    modules = summary.get("modules")
+    if isinstance(modules, str):
+        print(" ", modules)
+    for m in modules or ():
+        kinds = ", ".join(f"{k} {ms:.1f}" for k, ms in sorted(m["kernel_ms"].items(),
+                                                                key=lambda kv: -kv[1]))
+        print(f"  {m['module'][:40]:40s} {m['runs']:5d} runs {m['span_ms']:9.1f} ms  ({kinds})")

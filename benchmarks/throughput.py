@@ -6,6 +6,13 @@ Systems, in one invocation on the same device: jaxpage (LLM.generate), the conti
 baseline at jaxpage's KV memory budget (benchmarks/contiguous.py) and, with --hf, Hugging Face
 transformers generate (static cache + torch.compile) run first in a child process so that JAX
 and PyTorch do not compete for device memory.
+
+Each workload's physical floor (benchmarks/floor.py: its FLOPs at the matmul rate and its decode
+KV bytes at the copy bandwidth, both measured in the same run) gives every system's `of_floor`,
+the floor's time over its own. jaxpage's rows also say how long the run spent with few
+sequences running (`seconds_running`: the tail where per-step latency, not throughput, rules),
+and `--profile-device` traces jaxpage's run of the first workload once more and splits its
+device time by executable and kernel kind.
 """
 
 from __future__ import annotations
@@ -18,25 +25,49 @@ import subprocess
 import sys
 import time
 
-from jaxpage.benchmarks import common
+from jaxpage.benchmarks import common, device_profile, floor
 from jaxpage.models.config import get_config
+
+
+# Bounds of the running-sequence counts `seconds_running` reports time for: 1-3, 4-15, ...
+RUNNING_BINS = (1, 4, 16, 64, 256)
+
+
+def jaxpage_params(lengths):
+    from jaxpage import SamplingParams  # noqa: PLC0415
+
+    return [SamplingParams(temperature=1.0, max_tokens=o, ignore_eos=True) for _, o in lengths]
 
 
 def run_jaxpage(llm, lengths, prompts) -> dict:
     """Throughput row for jaxpage (the engine is built and compiled beforehand)."""
-    from jaxpage import SamplingParams  # noqa: PLC0415
-
-    params = [SamplingParams(temperature=1.0, max_tokens=o, ignore_eos=True) for _, o in lengths]
+    params = jaxpage_params(lengths)
     llm.generate(prompt_token_ids=prompts[:8], sampling_params=params[:8], use_tqdm=False)
     preempted = llm.engine.stats().num_preemptions
     t0 = time.perf_counter()
-    llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     in_tokens, out_tokens = sum(i for i, _ in lengths), sum(o for _, o in lengths)
     return {"system": "jaxpage", "seconds": elapsed, "requests_per_s": len(lengths) / elapsed,
             "output_tokens_per_s": out_tokens / elapsed,
             "total_tokens_per_s": (in_tokens + out_tokens) / elapsed,
-            "preemptions": llm.engine.stats().num_preemptions - preempted}
+            "preemptions": llm.engine.stats().num_preemptions - preempted,
+            "seconds_running": seconds_running(
+                [(o.metrics.first_scheduled_time, o.metrics.finished_time) for o in outs])}
+
+
+def seconds_running(spans: list[tuple[float, float]], bins=RUNNING_BINS) -> dict[str, float]:
+    """Seconds during which the number of requests between their (start, end) lay in each bin
+    ("1-3", "4-15", ..., "256+" for bins 1, 4, 16, 64, 256); time with none running is left out."""
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(bins, bins[1:])] + [f"{bins[-1]}+"]
+    out = dict.fromkeys(labels, 0.0)
+    running = 0
+    for (t, delta), (t_next, _) in zip(edges, edges[1:]):
+        running += delta
+        if running >= bins[0]:
+            out[labels[sum(running >= b for b in bins) - 1]] += t_next - t
+    return out
 
 
 def run_hf_child(args, spec: str) -> dict | None:
@@ -74,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-timeout", type=float, default=600.0, help="seconds per workload")
     parser.add_argument("--hf-workloads", default=None, help="workloads for HF (default: all)")
     parser.add_argument("--no-contiguous", action="store_true")
+    parser.add_argument("--profile-device", action="store_true",
+                        help="trace jaxpage's run of the first workload once more (jax.profiler)")
+    parser.add_argument("--bandwidth-mib", type=int, default=4096,
+                        help="array size of the copy-bandwidth measurement")
+    parser.add_argument("--matmul-size", type=int, default=8192,
+                        help="n of the [n, n] x [n, n] matmul-rate measurement")
     args = parser.parse_args(argv)
     specs = args.workloads.split(",")
     max_len = min(2048, get_config(args.model).max_context // 2)
@@ -88,7 +125,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from jaxpage import LLM  # noqa: PLC0415
 
+    limits = {"hbm_bandwidth_TBps": common.hbm_bandwidth(args.bandwidth_mib << 20) / 1e12,
+              "matmul_TFLOPps": floor.matmul_rate(args.matmul_size, dtype=args.dtype) / 1e12}
     model = common.random_model(args.model, dtype=args.dtype)
+    floors = {s: floor.workload_floor(model.config, w, flops_per_s=limits["matmul_TFLOPps"] * 1e12,
+                                      bytes_per_s=limits["hbm_bandwidth_TBps"] * 1e12,
+                                      weight_bytes=common.weight_bytes(model))
+              for s, w in workloads.items()}
     t0 = time.perf_counter()
     llm = LLM(model=model, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.backend,
@@ -102,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     for spec, lengths in workloads.items():
         rows.append({"workload": spec, **run_jaxpage(llm, lengths, prompts[spec]), **startup})
         print(json.dumps(rows[-1], default=float), flush=True)
+    profile = None
+    if args.profile_device:
+        spec = specs[0]
+        profile = device_profile.trace_run(lambda: llm.generate(
+            prompt_token_ids=prompts[spec], sampling_params=jaxpage_params(workloads[spec]),
+            use_tqdm=False))
+        print(f"jaxpage, {spec}, traced:")
+        device_profile.print_summary(profile)
     del llm  # frees the KV cache for the baseline
     gc.collect()
     for spec, lengths in workloads.items():
@@ -117,16 +168,25 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             if r["workload"] == spec:
                 r["jaxpage_speedup"] = base["output_tokens_per_s"] / r["output_tokens_per_s"]
+                r["of_floor"] = floors[spec]["floor_s"] / r["seconds"]
+    print(f"limits measured now: {limits}")
+    for spec, f in floors.items():
+        print(f"floor of {spec}: {f['floor_s']:.3g} s = {f['floor_output_tokens_per_s']:.1f} "
+              f"out tok/s (work {f['work_s']:.3g} s, longest request {f['serial_s']:.3g} s)")
     common.print_table(rows, ["workload", "system", "requests_per_s", "output_tokens_per_s",
                               "total_tokens_per_s", "batch", "seconds", "compile_s",
-                              "jaxpage_speedup"])
-    common.save_results(f"throughput-{args.model}", {"model": args.model, "rows": rows,
-                                                      "num_requests": args.num_requests},
-                        plot=lambda path: _plot(rows, path))
+                              "jaxpage_speedup", "of_floor"])
+    for r in rows:
+        if "seconds_running" in r:
+            print(f"{r['workload']}: seconds with this many sequences running: "
+                  + ", ".join(f"{k} {v:.3g}" for k, v in r["seconds_running"].items()))
+    common.save_results(f"throughput-{args.model}", {
+        "model": args.model, "rows": rows, "num_requests": args.num_requests, **limits,
+        "floors": floors, "device_profile": profile}, plot=lambda path: _plot(rows, floors, path))
     return 0
 
 
-def _plot(rows, path) -> None:
+def _plot(rows, floors, path) -> None:
     specs = list(dict.fromkeys(r["workload"] for r in rows))
     systems = list(dict.fromkeys(r["system"] for r in rows))
     width = 0.8 / len(systems)
@@ -135,6 +195,10 @@ def _plot(rows, path) -> None:
             vals = [next((r["output_tokens_per_s"] for r in rows
                           if r["workload"] == s and r["system"] == system), 0) for s in specs]
             ax.bar([i + k * width for i in range(len(specs))], vals, width, label=system)
+        for i, s in enumerate(specs):  # what no engine can beat on this device
+            ax.hlines(floors[s]["floor_output_tokens_per_s"], i - width / 2,
+                      i + width * (len(systems) - 0.5), colors="black", linestyles="dashed",
+                      label="floor" if i == 0 else None)
         ax.set_xticks([i + width * (len(systems) - 1) / 2 for i in range(len(specs))], specs)
         ax.set_ylabel("output tokens / s")
         ax.legend()

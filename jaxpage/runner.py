@@ -341,7 +341,8 @@ class ModelRunner:
             rows = packed[model_layout.size:]  # the sampler's per-row inputs, passed through
             return model.logits(hidden[f["logits_indices"]]), rows, kv_caches
 
-        return forward
+        forward.__name__ = f"forward_t{num_tokens_bucket}" + ("_decode" if decode_only else "")
+        return forward  # named per bucket: profiles tell the executables apart
 
     def _burst_fn(self, num_tokens_bucket: int, plan: sampler.SamplerPlan):
         graphdef, state_def = self.graphdef, self._state_def
@@ -379,6 +380,7 @@ class ModelRunner:
             prev = jnp.pad(outs.token_ids[-1], (0, self.max_num_seqs - s))
             return outs, prev, kv_caches
 
+        burst.__name__ = f"burst_t{t}_k{num_steps}" + ("_filtering" if plan.filtering else "")
         return burst
 
     def _sample_fn(self, plan: sampler.SamplerPlan):

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from jaxpage.benchmarks import (coldstart, device_profile, gemm, hlo_layers, latency,
-                                long_context, roofline, sampler, sharing, throughput)
+from jaxpage.benchmarks import (coldstart, common, device_profile, floor, gemm, hlo_layers,
+                                latency, long_context, roofline, sampler, sharing, throughput)
+from jaxpage.models.config import get_config
 
 
 @pytest.fixture(autouse=True)
@@ -20,13 +21,50 @@ def result(results_dir, name):
     return json.loads(path.read_text())
 
 
-def test_throughput_compares_jaxpage_with_the_contiguous_baseline(results_dir):
+def test_throughput_compares_jaxpage_with_the_contiguous_baseline_and_the_floor(results_dir):
     throughput.main(["--model", "gemma2-tiny", "--workloads", "16x6", "--num-requests", "6",
-                     "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--dtype", "float32"])
-    rows = result(results_dir, "throughput-gemma2-tiny")["rows"]
+                     "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--dtype", "float32",
+                     "--bandwidth-mib", "4", "--matmul-size", "64", "--profile-device"])
+    out = result(results_dir, "throughput-gemma2-tiny")
+    rows = out["rows"]
     assert {r["system"] for r in rows} == {"jaxpage", "contiguous"}
-    assert all(r["output_tokens_per_s"] > 0 for r in rows)
+    assert all(r["output_tokens_per_s"] > 0 and r["of_floor"] > 0 for r in rows)
+    assert out["hbm_bandwidth_TBps"] > 0 and out["matmul_TFLOPps"] > 0
+    assert out["floors"]["16x6"]["floor_s"] > 0
+    (mine,) = [r for r in rows if r["system"] == "jaxpage"]
+    # 6 requests, at most 4 running at once: all the time is spent with 1-3 or 4-15 running
+    assert sum(mine["seconds_running"].values()) == pytest.approx(mine["seconds"], rel=0.5)
+    assert mine["seconds_running"]["16-63"] == 0
+    assert "no device events" in out["device_profile"]["note"]  # the CPU has no device streams
     assert (results_dir / next(results_dir.glob("*.json")).name).with_suffix(".png").exists()
+
+
+def test_seconds_running_adds_up_time_by_how_many_requests_ran():
+    spans = [(0.0, 4.0), (1.0, 2.0), (1.0, 3.0), (6.0, 7.0)]  # nothing runs from 4 to 6
+    assert throughput.seconds_running(spans, bins=(1, 2, 3)) == {"1-1": 3.0, "2-2": 1.0, "3+": 1.0}
+
+
+def test_floor_counts_the_work_of_a_workload_once():
+    config = get_config("gemma3-tiny")  # window layers and global layers
+    w = config.sliding_window
+    num_in, num_out = w + 5, 4
+    cost = floor.request_cost(config, num_in, num_out)
+    pairs = sum(q + 1 if t == "global" else min(q + 1, w)
+                for t in config.layer_types for q in range(num_in))
+    per_token = 2 * floor.matmul_params(config)
+    logits = 2 * config.vocab_size * config.d_model
+    assert cost.prefill_flops == (per_token * num_in + logits
+                                  + 4 * config.num_heads * config.head_dim * pairs)
+    assert cost.decode_flops == (per_token + logits) * (num_out - 1)
+    # each decode step reads the keys and values its query sees, its own among them
+    assert cost.kv_read_bytes == sum(common.decode_kv_read_bytes(config, c)
+                                     for c in range(num_in + 1, num_in + num_out))
+    lengths = [(num_in, num_out), (8, 3 * w)]
+    out = floor.workload_floor(config, lengths, flops_per_s=1e12, bytes_per_s=1e11,
+                               weight_bytes=10**8)
+    assert out["serial_s"] == pytest.approx(floor.request_cost(config, 8, 3 * w).prefill_flops
+                                            / 1e12 + (3 * w - 1) * 10**8 / 1e11)
+    assert out["floor_s"] == max(out["work_s"], out["serial_s"])
 
 
 def test_roofline_reports_mbu_and_host_overhead(results_dir):
@@ -84,6 +122,19 @@ def test_device_profile_separates_busy_time_from_idle_gaps():
     assert summary["by_kind"]["matmul"] == {"count": 1, "us": 10.0}
     assert summary["by_kind"]["jaxpage Pallas kernels"]["us"] == 3.0
     assert summary["top_kernels"][0]["name"] == "sm90_xmma_gemm"
+
+
+def test_device_profile_splits_kernel_time_by_the_executable_it_ran_in():
+    modules = [(0, 10_000, "jit_forward_t64(3)"), (20_000, 5_000, "jit_sample(4)"),
+               (30_000, 10_000, "jit_forward_t64(5)")]
+    kernels = [(1_000, 4_000, "sm90_xmma_gemm"), (6_000, 2_000, "jaxpage_decode_bk32_s2"),
+               (21_000, 1_000, "loop_select_fusion"), (31_000, 3_000, "sm90_xmma_gemm"),
+               (45_000, 1_000, "memcpy")]
+    rows = device_profile.by_module(modules, kernels)
+    assert [r["module"] for r in rows] == ["jit_forward_t64", "jit_sample", "(no module)"]
+    assert rows[0]["runs"] == 2 and rows[0]["span_ms"] == 0.02
+    assert rows[0]["kernel_ms"] == {"matmul": 0.007, "jaxpage Pallas kernels": 0.002}
+    assert rows[2]["kernel_ms"] == {"memcpy/memset": 0.001}
 
 
 def test_latency_reports_ttft_and_step_time(results_dir):
