@@ -417,11 +417,15 @@ class ResponseBuilder:
         return items
 
     def _token_text(self, token: int) -> str:
+        """A token as logprobs list it: its piece with spaces for U+2581; a byte piece as its
+        character if the byte is one alone (ASCII), else as OpenAI's "bytes:\\xNN"."""
         text = self._token_text_cache.get(token)
         if text is None:
             byte = self.tokenizer.byte_value(token)
-            text = (f"bytes:\\x{byte:02x}" if byte is not None
-                    else self.tokenizer.id_to_piece(token).replace("\u2581", " "))
+            if byte is None:
+                text = self.tokenizer.id_to_piece(token).replace("\u2581", " ")
+            else:
+                text = chr(byte) if byte < 0x80 else f"bytes:\\x{byte:02x}"
             self._token_text_cache[token] = text
         return text
 

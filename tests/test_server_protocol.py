@@ -242,6 +242,20 @@ def test_completion_logprobs_list_tokens_top_alternatives_and_text_offsets(tok):
     assert lp["text_offset"] == [0, len(a_text), len(a_text) + len("bytes:\\xe2")]
 
 
+def test_a_byte_piece_that_is_a_whole_character_is_listed_as_that_character(tok):
+    dot, lead = (next(i for i in range(VOCAB) if tok.byte_value(i) == b) for b in (0x2E, 0xE2))
+    for req in (completion(tok, prompt="x", logprobs=0),
+                chat(tok, messages=[{"role": "user", "content": "x"}], logprobs=True)):
+        b = ResponseBuilder(req, "m", tok, ["r0"])
+        b.update(delta("r0", (0, ".", [dot, lead], [{dot: -0.1}, {lead: -0.2}], "length"),
+                       finished=True))
+        lp = b.response()["choices"][0]["logprobs"]
+        tokens = lp["tokens"] if "tokens" in lp else [i["token"] for i in lp["content"]]
+        assert tokens == [".", "bytes:\\xe2"]
+        if "content" in lp:
+            assert [i["bytes"] for i in lp["content"]] == [[0x2E], [0xE2]]
+
+
 def test_chat_logprobs_carry_bytes_and_exactly_top_logprobs_alternatives(tok):
     a, bb, c = (tok.encode(s, add_bos=False)[0] for s in ("ab", " the", "x"))
     req = chat(tok, messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=1)
