@@ -33,14 +33,14 @@ def _child(checkpoint: str, engine_flags: dict) -> None:
     out = llm.generate(prompt_token_ids=[[2, 100, 200, 300]],
                        sampling_params=SamplingParams(max_tokens=1), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 1
-    runner = llm.engine.runner
+    exes = llm.engine.runner.executables
     # generate() returns after writing the executable cache (an idle moment): the first token
     # came before that. time.monotonic is one system-wide clock, so the parent can subtract.
     print(json.dumps({"first_token_monotonic": out[0].metrics.first_token_time,
                       "in_process_s": time.perf_counter() - t0, "start_s": loaded - t0,
-                      "compile_s": runner.compile_seconds, "loaded": runner.executables_loaded,
-                      "compiled": runner.executables_compiled,
-                      "compile_by_kind": runner.compile_time_summary()}), flush=True)
+                      "compile_s": exes.compile_seconds, "loaded": exes.loaded,
+                      "compiled": exes.compiled,
+                      "compile_by_kind": exes.compile_time_summary()}), flush=True)
 
 
 def _make_checkpoint(model: str, dst: Path) -> None:

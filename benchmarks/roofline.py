@@ -118,7 +118,7 @@ def engine_step_seconds(engine, batch: int, context: int, steps: int = 40,
 
 def forward_call(runner, packed):
     """One call of the packed step's forward executable alone (the KV cache it returns kept)."""
-    forward = runner._executable("forward", packed.bucket)
+    forward = runner.executables.get("forward", packed.bucket)
 
     def run():
         out = forward(runner._state_leaves, runner.kv_caches, packed.buffer, runner._prev_tokens)
@@ -134,7 +134,7 @@ def launch_costs(engine, sched, reps: int = 20) -> dict:
     runner = engine.runner
     packed = pack_decode(engine, sched)
     run_forward = forward_call(runner, packed)
-    sample = runner._executable("sample", (packed.plan, False))  # a decode step: no penalties
+    sample = runner.executables.get("sample", (packed.plan, False))  # a decode step: no penalties
 
     def host_ms(call) -> float:
         times = []
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                   and r["context"] == args.engine_context and "step_ms" in r)
     step_memory = _step_memory(engine, args.engine_batch)
     if args.print_layer_hlo:
-        exe = engine.runner._executable("forward", (engine.runner.bucket_for(args.engine_batch),
+        exe = engine.runner.executables.get("forward", (engine.runner.bucket_for(args.engine_batch),
                                                     True))
         marker = "jaxpage_decode" if engine.runner.backend == "pallas_gpu" else "custom-call"
         print(f"one layer of the decode step (batch {args.engine_batch}):")
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 def _step_memory(engine, batch: int) -> dict:
     """XLA's memory analysis of the decode step: the KV cache must be aliased, not copied."""
     runner = engine.runner
-    exe = runner._executable("forward", (runner.bucket_for(batch), True))
+    exe = runner.executables.get("forward", (runner.bucket_for(batch), True))
     m = exe.memory_analysis()
     kv = runner.kv_cache_bytes
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",

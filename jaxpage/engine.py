@@ -124,7 +124,7 @@ class LLMEngine:
                  num_pages, self.config.page_size, self.backend)
         if self.config.precompile:
             self.runner.compile_all()
-            log.info("start-up compilation took %.1f s", self.runner.compile_seconds)
+            log.info("start-up compilation took %.1f s", self.runner.executables.compile_seconds)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._seed_rng = random.Random(self.config.seed)
@@ -203,8 +203,8 @@ class LLMEngine:
     def save_executables(self, max_entries: int | None = None) -> int:
         """Write executables compiled at start-up (or on first use) to the executable cache, up
         to `max_entries`; returns how many are still unsaved. Callers run it while idle."""
-        self.runner.save_executables(max_entries)
-        return self.runner.unsaved_executables
+        self.runner.executables.save(max_entries)
+        return self.runner.executables.unsaved
 
     def stats(self) -> EngineStats:
         cache = self.kv.prefix_cache

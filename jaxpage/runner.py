@@ -18,10 +18,8 @@ its first num_steps[r] steps; in the rest it reads and writes only the null page
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
-import time
 from typing import Sequence as Seq
 
 import jax
@@ -32,6 +30,7 @@ from flax import nnx
 from jaxpage import compat, sampler
 from jaxpage.attention import AttentionMetadata, max_cache_array_elements
 from jaxpage.executable_cache import ExecutableCache
+from jaxpage.executables import Executables
 from jaxpage.kv_cache import copy_pages, init_kv_cache
 from jaxpage.models.gemma import Gemma
 from jaxpage.scheduler import SchedulerOutput
@@ -85,27 +84,15 @@ class ModelRunner:
         self.kv_caches = init_kv_cache(self.config, num_pages, page_size, kv_dtype,
                                        max_array_elements=max_cache_array_elements(backend))
         self.token_buckets = token_buckets(max_num_batched_tokens)
-        self._forward: dict[tuple[int, bool], object] = {}
-        self._sample: dict[tuple[sampler.SamplerPlan, bool], object] = {}
-        self._penalise: dict[tuple[int, int], object] = {}
-        self._burst: dict[tuple[int, sampler.SamplerPlan], object] = {}
-        self._copy: dict[None, object] = {}  # the copy-on-write executable, run only when needed
-        self._compile_workers = compile_workers
         self._variant_set = set(self._variants())
-        self.precompile = precompile
-        self.compile_seconds = 0.0
         self._prev_tokens = jnp.zeros((max_num_seqs,), jnp.int32)
         self._step_layouts: dict[int, PackedLayout] = {}
         self._row_layouts: dict[int, PackedLayout] = {}
-        # serialized executables on disk (None: off); counts of what start-up loaded / compiled
-        self._exe_cache = None if executable_cache_dir is None else ExecutableCache(
+        cache = None if executable_cache_dir is None else ExecutableCache(
             executable_cache_dir, self._static_context(),
             next(iter(self._state_leaves[0].devices())))
-        self.executables_loaded = 0
-        self.executables_compiled = 0
-        self.compile_times: dict[tuple[str, object], tuple[float, float]] = {}  # lower, compile s
-        # (name, executable or its serialized body, from XLA cache) not yet written to the cache
-        self._unsaved: list[tuple[str, object, bool]] = []
+        self.executables = Executables(self._function, self._args, cache=cache,
+                                       workers=compile_workers, precompile=precompile)
 
     def _static_context(self) -> dict[str, object]:
         """What the traced step functions close over besides their arguments (cache key)."""
@@ -186,71 +173,9 @@ class ModelRunner:
             ("copy", None)]
 
     def compile_all(self) -> float:
-        """Load from the executable cache, or else lower and compile, every forward bucket and
-        sampler plan; returns seconds taken. Compiled executables are written to the cache later,
-        by `save_executables`, so writing them never delays the first token."""
-        t0 = time.perf_counter()
-        keys = sorted(self.executable_keys(), key=_compile_order)
-        names = [self._cache_name(kind, key) for kind, key in keys]
-        with concurrent.futures.ThreadPoolExecutor(self._compile_workers) as pool:
-            exes = list(pool.map(self._cache_load, names))
-            misses = [i for i, exe in enumerate(exes) if exe is None]
-            # Tracing and lowering hold the GIL, XLA's compile mostly does not: lower here, the
-            # longest compiles first, and hand each to a compile thread as soon as it is lowered.
-            futures, lower_s = {}, {}
-            for i in misses:
-                lowered, lower_s[i] = _timed(self._lower, *keys[i])
-                futures[i] = pool.submit(_timed, compat.compile_lowered, lowered)
-            for i in misses:
-                (exes[i], from_xla_cache), compile_s = futures[i].result()
-                self.compile_times[keys[i]] = (lower_s[i], compile_s)
-                self._queue_store(names[i], exes[i], from_xla_cache)
-        for (kind, key), exe in zip(keys, exes):
-            self._table(kind)[key] = exe
-        self.executables_loaded += len(keys) - len(misses)
-        self.executables_compiled += len(misses)
-        self.compile_seconds = time.perf_counter() - t0
-        log.info("%d forward buckets, %d sampler plans and %d penalty steps ready in %.1f s: %d "
-                 "executables loaded from the executable cache, %d compiled (%s)",
-                 len(self._forward), len(self._sample), len(self._penalise),
-                 self.compile_seconds, len(keys) - len(misses), len(misses),
-                 "executable cache on" if self._exe_cache else "executable cache off")
-        return self.compile_seconds
-
-    def compile_time_summary(self) -> dict[str, dict[str, float]]:
-        """Per kind of executable: how many were compiled, seconds spent lowering them (one
-        thread) and compiling them (summed over threads), and the longest single compile."""
-        out: dict[str, dict[str, float]] = {}
-        for (kind, _), (lower_s, compile_s) in self.compile_times.items():
-            row = out.setdefault(kind, {"count": 0, "lower_s": 0.0, "compile_s": 0.0,
-                                        "max_compile_s": 0.0})
-            row["count"] += 1
-            row["lower_s"] += lower_s
-            row["compile_s"] += compile_s
-            row["max_compile_s"] = max(row["max_compile_s"], compile_s)
-        return out
-
-    @property
-    def unsaved_executables(self) -> int:
-        """Compiled executables not yet written to the executable cache."""
-        return len(self._unsaved)
-
-    def save_executables(self, max_entries: int | None = None) -> int:
-        """Serialize and write up to `max_entries` (all by default) compiled executables to the
-        executable cache; returns how many were written. For idle moments: each takes tens to
-        hundreds of milliseconds of host time."""
-        written = 0
-        while self._unsaved and (max_entries is None or max_entries > 0):
-            name, exe, from_xla_cache = self._unsaved.pop()
-            body = exe if isinstance(exe, bytes) else self._exe_cache.serialize(
-                name, exe, from_xla_cache)
-            written += body is not None and self._exe_cache.write(name, body)
-            max_entries = None if max_entries is None else max_entries - 1
-        return written
-
-    def _table(self, kind: str) -> dict:
-        return {"forward": self._forward, "sample": self._sample, "penalise": self._penalise,
-                "copy": self._copy, "burst": self._burst}[kind]
+        """Build every executable serving may need (executables.py), the longest compiles
+        first; returns seconds taken."""
+        return self.executables.build_all(sorted(self.executable_keys(), key=_compile_order))
 
     def _args(self, kind: str, key) -> tuple[tuple[int, ...], tuple]:
         """(donated argument numbers, arguments to lower with) of one executable."""
@@ -279,49 +204,6 @@ class ModelRunner:
         if kind == "burst":
             return self._burst_fn(*key)
         return self._forward_fn(*key) if kind == "forward" else self._sample_fn(key[0])
-
-    def _lower(self, kind: str, key):
-        donate, args = self._args(kind, key)
-        return jax.jit(self._function(kind, key), donate_argnums=donate).lower(*args)
-
-    def _cache_name(self, kind: str, key) -> str | None:
-        return None if self._exe_cache is None else self._exe_cache.name(
-            kind, key, *self._args(kind, key))
-
-    def _cache_load(self, name: str | None):
-        return None if name is None else self._exe_cache.load(name)
-
-    def _queue_store(self, name: str | None, exe, from_xla_cache: bool) -> None:
-        """Keep a fresh executable for `save_executables`, serialized now where it could not be
-        once it has run (compat.serializable_after_running)."""
-        if name is None:
-            return
-        if compat.serializable_after_running(self._exe_cache.platform):
-            self._unsaved.append((name, exe, from_xla_cache))
-        else:
-            body = self._exe_cache.serialize(name, exe, from_xla_cache)
-            if body is not None:
-                self._unsaved.append((name, body, from_xla_cache))
-
-    def _executable(self, kind: str, key):
-        table = self._table(kind)
-        if key not in table:
-            if self.precompile:
-                raise KeyError(f"no compiled {kind} executable for {key}: a bucket was missed")
-            t0 = time.perf_counter()
-            name = self._cache_name(kind, key)
-            exe = self._cache_load(name)
-            if exe is None:
-                lowered, lower_s = _timed(self._lower, kind, key)
-                (exe, from_xla_cache), compile_s = _timed(compat.compile_lowered, lowered)
-                self.compile_times[(kind, key)] = (lower_s, compile_s)
-                self._queue_store(name, exe, from_xla_cache)
-                self.executables_compiled += 1
-            else:
-                self.executables_loaded += 1
-            table[key] = exe
-            self.compile_seconds += time.perf_counter() - t0
-        return table[key]
 
     def _forward_fn(self, num_tokens_bucket: int, decode_only: bool):
         graphdef, state_def = self.graphdef, self._state_def
@@ -453,18 +335,18 @@ class ModelRunner:
     def launch(self, step: "PackedStep") -> "StepHandle":
         """Send the packed step to the device and start it; returns without waiting."""
         if step.copies is not None:
-            self.kv_caches = self._executable("copy", None)(self.kv_caches, step.copies)
+            self.kv_caches = self.executables.get("copy", None)(self.kv_caches, step.copies)
         # host buffers go in as numpy arrays: the executable's own transfer is the cheapest
         if step.burst:
-            out, self._prev_tokens, self.kv_caches = self._executable("burst", step.burst_key)(
+            out, self._prev_tokens, self.kv_caches = self.executables.get("burst", step.burst_key)(
                 self._state_leaves, self.kv_caches, step.buffer, self._prev_tokens)
         else:
-            logits, row_inputs, self.kv_caches = self._executable("forward", step.bucket)(
+            logits, row_inputs, self.kv_caches = self.executables.get("forward", step.bucket)(
                 self._state_leaves, self.kv_caches, step.buffer, self._prev_tokens)
             penalise = _penalise_key(step.plan)
-            penalised = (self._executable("penalise", penalise)(logits, step.extra)
+            penalised = (self.executables.get("penalise", penalise)(logits, step.extra)
                          if penalise else None)
-            out, self._prev_tokens = self._executable("sample", _sample_key(step.plan))(
+            out, self._prev_tokens = self.executables.get("sample", _sample_key(step.plan))(
                 logits, row_inputs, penalised)
         for array in jax.tree.leaves(out):  # read back as soon as sampled, not when collected
             array.copy_to_host_async()
@@ -485,13 +367,6 @@ def _resolve_placeholders(token_ids: jax.Array, prev_tokens: jax.Array) -> jax.A
     """Token ids with each -(1 + r) replaced by the token row r of the previous launch sampled
     (its last step's, for a burst)."""
     return jnp.where(token_ids < 0, prev_tokens[jnp.maximum(-1 - token_ids, 0)], token_ids)
-
-
-def _timed(fn, *args):
-    """(fn(*args), seconds it took)."""
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - t0
 
 
 def _sample_key(plan: sampler.SamplerPlan) -> tuple[sampler.SamplerPlan, bool]:

@@ -19,7 +19,7 @@ from engine_utils import make_engine, random_requests
 from jaxpage import compat, executable_cache
 from jaxpage.engine import OutputKind
 from jaxpage.executable_cache import MAGIC, ExecutableCache
-from jaxpage.runner import ModelRunner
+from jaxpage.executables import Executables
 from jaxpage.sampling_params import SamplingParams
 
 SMALL = dict(precompile=True, max_num_batched_tokens=32)  # buckets 16, 32: 11 executables
@@ -57,13 +57,13 @@ def exe_dir(tmp_path, monkeypatch):
 def lowered(monkeypatch):
     """Every (kind, key) the runners in this test trace and lower."""
     calls = []
-    original = ModelRunner._lower
+    original = Executables._lower
 
     def spy(self, kind, key):
         calls.append((kind, key))
         return original(self, kind, key)
 
-    monkeypatch.setattr(ModelRunner, "_lower", spy)
+    monkeypatch.setattr(Executables, "_lower", spy)
     return calls
 
 
@@ -80,7 +80,7 @@ def filled(tmp_path_factory):
         engine = make_engine("gemma2", **SMALL)
         engine.save_executables()
     keys = engine.runner.executable_keys()
-    assert engine.runner.executables_compiled == len(keys) == len(entries(path))
+    assert engine.runner.executables.compiled == len(keys) == len(entries(path))
     return path, engine
 
 
@@ -118,8 +118,8 @@ def test_a_second_engine_with_the_same_config_loads_every_executable_and_samples
     expected = outputs(filled[1])  # the engine that compiled everything
     second = make_engine("gemma2", **SMALL)
     assert lowered == []  # nothing traced, lowered or compiled
-    assert second.runner.executables_loaded == len(second.runner.executable_keys())
-    assert second.runner.executables_compiled == 0
+    assert second.runner.executables.loaded == len(second.runner.executable_keys())
+    assert second.runner.executables.compiled == 0
     assert outputs(second) == expected
 
 
@@ -128,18 +128,18 @@ def test_engines_that_compile_on_first_use_store_and_load_the_same_way(exe_dir, 
     expected = outputs(first)
     assert first.save_executables() == 0
     compiled = list(lowered)
-    assert compiled and first.runner.executables_loaded == 0
-    assert len(entries(exe_dir)) == len(compiled) == first.runner.executables_compiled
+    assert compiled and first.runner.executables.loaded == 0
+    assert len(entries(exe_dir)) == len(compiled) == first.runner.executables.compiled
 
     lowered.clear()
     second = make_engine("gemma2", **(SMALL | {"precompile": False}))
     assert outputs(second) == expected
     assert lowered == []
-    assert second.runner.executables_loaded == len(compiled)
+    assert second.runner.executables.loaded == len(compiled)
 
 
 def test_start_up_logs_how_many_executables_were_loaded_and_compiled(copy_of_filled, caplog):
-    with caplog.at_level(logging.INFO, logger="jaxpage.runner"):
+    with caplog.at_level(logging.INFO, logger="jaxpage.executables"):
         runner = make_engine("gemma2", **SMALL).runner
     n = len(runner.executable_keys())
     assert any(f"{n} executables loaded from the executable cache, 0 compiled" in r.getMessage()
@@ -151,7 +151,7 @@ def test_start_up_logs_how_many_executables_were_loaded_and_compiled(copy_of_fil
 def test_start_up_writes_nothing_and_each_save_writes_what_was_asked(exe_dir):
     engine = make_engine("gemma2", **SMALL)
     n = len(engine.runner.executable_keys())
-    assert entries(exe_dir) == [] and engine.runner.unsaved_executables == n
+    assert entries(exe_dir) == [] and engine.runner.executables.unsaved == n
     assert engine.save_executables(max_entries=2) == n - 2
     assert len(entries(exe_dir)) == 2
     assert engine.save_executables() == 0
@@ -169,14 +169,14 @@ def test_the_server_loop_saves_executables_once_it_is_idle(exe_dir):
         while len(entries(exe_dir)) < n and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(entries(exe_dir)) == n
-        assert client.engine.runner.unsaved_executables == 0
+        assert client.engine.runner.executables.unsaved == 0
     finally:
         client.shutdown()
 
 
 def test_start_up_records_lowering_and_compile_seconds_of_every_executable(exe_dir):
     runner = make_engine("gemma2", **SMALL).runner
-    summary = runner.compile_time_summary()
+    summary = runner.executables.compile_time_summary()
     kinds = [kind for kind, _ in runner.executable_keys()]
     assert {k: row["count"] for k, row in summary.items()} == {
         k: kinds.count(k) for k in set(kinds)}
@@ -203,14 +203,14 @@ def test_a_larger_token_budget_reuses_every_executable_whose_inputs_did_not_chan
         copy_of_filled, lowered):
     engine = make_engine("gemma2", **(SMALL | {"max_num_batched_tokens": 64}))
     engine.save_executables()
-    runner = engine.runner
+    runner, exes = engine.runner, engine.runner.executables
     # a new bucket (64), and a larger local-layer KV pool for every step, burst and the page
     # copy; the sampler plans and penalty steps see the same inputs and are loaded
     bursts = {("burst", key) for key in runner._burst_keys()}
     assert set(lowered) == {("forward", (16, False)), ("forward", (32, False)),
                             ("forward", (64, False)), ("copy", None)} | bursts and bursts
     # one row bucket: 2 x 2 x 2 sampler plans; one token-list length: one penalty step
-    assert runner.executables_loaded == len(runner._sample) + len(runner._penalise) == 8 + 1
+    assert exes.loaded == len(exes.table("sample")) + len(exes.table("penalise")) == 8 + 1
     # beside them, the old entries of what was lowered again: two forward steps, the copy, bursts
     assert len(entries(copy_of_filled)) == len(runner.executable_keys()) + 3 + len(bursts)
 
@@ -223,7 +223,8 @@ def test_a_larger_token_budget_reuses_every_executable_whose_inputs_did_not_chan
 def test_a_different_model_or_cache_layout_misses_every_executable_it_could_change(
         copy_of_filled, change, reused):
     runner = make_engine("gemma2", **(SMALL | change | {"precompile": False})).runner
-    names = {kind: {runner._cache_name(k, key) for k, key in runner.executable_keys() if k == kind}
+    names = {kind: {runner.executables.cache_name(k, key)
+                    for k, key in runner.executable_keys() if k == kind}
              for kind in ("forward", "sample", "penalise", "copy")}
     present = set(entries(copy_of_filled))
     assert {kind for kind, ns in names.items() if ns & present} == reused
@@ -315,7 +316,7 @@ def test_a_corrupt_entry_is_ignored_logged_and_recompiled(copy_of_filled, lowere
     with caplog.at_level(logging.WARNING, logger="jaxpage"):
         engine = make_engine("gemma2", **SMALL)
     assert len(lowered) == 1 and lowered[0][0] == "forward"  # only the damaged one
-    assert engine.runner.executables_loaded == len(engine.runner.executable_keys()) - 1
+    assert engine.runner.executables.loaded == len(engine.runner.executable_keys()) - 1
     assert any(victim.name in r.getMessage() for r in caplog.records)
     assert outputs(engine, REQUESTS[:2])  # and it serves
 
@@ -333,8 +334,8 @@ def test_an_entry_that_fails_to_load_on_this_device_is_recompiled(copy_of_filled
     monkeypatch.setattr(compat, "deserialize_compiled", fail)
     engine = make_engine("gemma2", **(SMALL | {"precompile": False}))
     assert outputs(engine, REQUESTS[:2])
-    assert lowered and engine.runner.executables_loaded == 0
-    assert engine.runner.executables_compiled == len(lowered)
+    assert lowered and engine.runner.executables.loaded == 0
+    assert engine.runner.executables.compiled == len(lowered)
 
 
 def test_a_failed_write_leaves_neither_an_entry_nor_a_temporary_file(tmp_path, monkeypatch):
@@ -402,8 +403,8 @@ def test_nothing_is_written_when_the_compilation_cache_is_off(exe_dir, lowered):
     engine = make_engine("gemma2", **(SMALL | {"precompile": False, "compilation_cache_dir": None}))
     assert outputs(engine, REQUESTS[:2])
     assert not exe_dir.exists()
-    assert engine.runner.executables_compiled == len(lowered) > 0
-    assert engine.runner.executables_loaded == 0
+    assert engine.runner.executables.compiled == len(lowered) > 0
+    assert engine.runner.executables.loaded == 0
 
 
 def test_a_custom_compilation_cache_dir_keeps_executables_inside_it():
