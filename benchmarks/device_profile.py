@@ -137,13 +137,18 @@ def host_events(path: str) -> list[tuple[str, str, int]]:
             for line in plane.lines for e in line.events]
 
 
-def _profile(run, reps: int, block_each: bool, read, warm_up: bool = True):
+def _profile(run, reps: int, block_each: bool, read, warm_up: bool = True,
+             trace_python: bool = True):
     """`read(path)` of the trace of `reps` calls of `run()` (None if no trace was written);
-    `run()` is called once before the trace unless `warm_up` is False."""
+    `run()` is called once before the trace unless `warm_up` is False. Without `trace_python`
+    the profiler records no Python calls (they would slow a host-bound loop down)."""
     if warm_up:
         jax.block_until_ready(run())  # compiled and warm before the trace starts
+    options = jax.profiler.ProfileOptions()
+    if not trace_python:
+        options.python_tracer_level, options.host_tracer_level = 0, 1
     with tempfile.TemporaryDirectory() as logdir:
-        with jax.profiler.trace(logdir):
+        with jax.profiler.trace(logdir, profiler_options=options):
             out = None
             for _ in range(reps):
                 out = run()
@@ -164,9 +169,10 @@ def trace_steps(run, reps: int = 10) -> dict:
 
 
 def trace_run(run) -> dict:
-    """Profile one call of `run()` (already warm: a whole benchmark run, say): the device's busy
-    and idle time over it, kernels by kind, and the same split per executable."""
-    read = _profile(run, 1, False, read_trace, warm_up=False)
+    """Profile one call of `run()` (already warm: a whole benchmark run, say), Python calls not
+    traced: the device's busy and idle time over it, kernels by kind, and the same split per
+    executable."""
+    read = _profile(run, 1, False, read_trace, warm_up=False, trace_python=False)
     if read is None:
         return {"note": "the profiler wrote no trace"}
     kernels, modules, lines = read
