@@ -11,7 +11,6 @@ tokens or finished. `abort_request` may be called at any time; it frees everythi
 from __future__ import annotations
 
 import dataclasses
-import enum
 import itertools
 import logging
 import random
@@ -24,7 +23,7 @@ from jaxpage.attention import max_cache_array_elements, resolve_backend
 from jaxpage.config import EngineConfig
 from jaxpage.kv_cache import free_kv_bytes, plan_num_pages
 from jaxpage.models.gemma import Gemma
-from jaxpage.outputs import CompletionOutput, RequestOutput
+from jaxpage.outputs import OutputKind, OutputTracker, RequestOutput
 from jaxpage.paging import GroupUsage, KVCacheManager
 from jaxpage.request import Request, Sequence, SeqStatus
 from jaxpage.runner import ModelRunner, StepHandle, StepResult
@@ -41,12 +40,6 @@ class RequestError(ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
-
-
-class OutputKind(enum.Enum):
-    CUMULATIVE = "cumulative"  # every output carries all tokens so far
-    DELTA = "delta"            # every output carries only what is new since the last one
-    FINAL_ONLY = "final_only"  # one output, when the request finishes
 
 
 @dataclasses.dataclass
@@ -128,8 +121,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._seed_rng = random.Random(self.config.seed)
-        self._output_kind: dict[str, OutputKind] = {}
-        self._sent: dict[tuple[str, int], tuple[int, int, int]] = {}  # (tokens, chars, logprobs) sent
+        self._outputs = OutputTracker(tokenizer)
         self._aborted: list[RequestOutput] = []
         self._in_flight: _Step | None = None
         self.prompt_tokens_total = 0
@@ -165,7 +157,7 @@ class LLMEngine:
         seq = self._new_sequence(request, 0, list(ids))
         self.scheduler.add(seq)
         self.requests[request_id] = request
-        self._output_kind[request_id] = output_kind
+        self._outputs.add(request_id, output_kind)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its pages; its final output says finish_reason="abort"."""
@@ -175,7 +167,7 @@ class LLMEngine:
         for seq in request.sequences:
             if not seq.finished:
                 self._finish(seq, "abort")
-        self._aborted.append(self._output(request))
+        self._aborted.append(self._outputs.output(request))
         self._forget(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -280,7 +272,7 @@ class LLMEngine:
         for request in touched.values():
             if request.params.use_beam_search:
                 self._beam_step(request)
-            out = self._output(request)
+            out = self._outputs.output(request)
             if out is not None:
                 outputs.append(out)
             if request.finished:
@@ -441,51 +433,7 @@ class LLMEngine:
 
     def _forget(self, request: Request) -> None:
         self.requests.pop(request.request_id, None)
-        self._output_kind.pop(request.request_id, None)
-        for seq in request.sequences:
-            self._sent.pop((request.request_id, seq.index), None)
-
-    def _output(self, request: Request) -> RequestOutput | None:
-        kind = self._output_kind[request.request_id]
-        params = request.params
-        if not request.finished and (kind is OutputKind.FINAL_ONLY or params.use_beam_search):
-            return None
-        if params.use_beam_search:
-            completions = [CompletionOutput(
-                index=i, text=self._decode(h.token_ids, params), token_ids=h.token_ids,
-                cumulative_logprob=h.cumulative_logprob, finish_reason=h.finish_reason,
-                stop_reason=h.stop_reason)
-                for i, h in enumerate(beam_search.best(request.hypotheses, params.n,
-                                                       params.length_penalty))]
-            return self._request_output(request, completions)
-        seqs = request.sequences
-        if request.finished and len(seqs) > params.n:  # best_of: keep the n most likely
-            seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)[:params.n]
-        completions = []
-        for seq in seqs:
-            out_ids = seq.output_token_ids
-            tokens, chars, lps = 0, 0, 0
-            if kind is OutputKind.DELTA:
-                tokens, chars, lps = self._sent.get((request.request_id, seq.index), (0, 0, 0))
-                self._sent[(request.request_id, seq.index)] = (
-                    len(out_ids), len(seq.text), len(seq.logprobs or ()))
-            completions.append(CompletionOutput(
-                index=seq.index, text=seq.text[chars:], token_ids=out_ids[tokens:],
-                cumulative_logprob=seq.cumulative_logprob,
-                logprobs=None if seq.logprobs is None else seq.logprobs[lps:],
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
-        return self._request_output(request, completions)
-
-    @staticmethod
-    def _request_output(request: Request, completions: list[CompletionOutput]) -> RequestOutput:
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
-                             completions, finished=request.finished,
-                             num_cached_tokens=request.num_cached_tokens, metrics=request.metrics)
-
-    def _decode(self, token_ids: list[int], params: SamplingParams) -> str:
-        if self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
+        self._outputs.forget(request)
 
     def _prompt_ids(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
         if prompt_token_ids is None:
