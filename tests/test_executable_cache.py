@@ -33,9 +33,12 @@ PARAMS = [SamplingParams(temperature=0.0, max_tokens=6, logprobs=2),
 def fresh_compiles():
     """Compile afresh while these tests run: on CPU an executable that JAX's persistent
     compilation cache supplied is not stored (see compat.reserializable), and the suite's own
-    persistent cache (conftest) would otherwise supply most of them."""
+    persistent cache (conftest) would otherwise supply most of them; JAX's in-memory caches
+    would hand out again one that an earlier test in this worker had from it (a module-level
+    function such as sampler.penalise, lowered with the same shapes)."""
     jax.config.update("jax_enable_compilation_cache", False)
     xla_cache.reset_cache()
+    jax.clear_caches()
     yield
     jax.config.update("jax_enable_compilation_cache", True)
     xla_cache.reset_cache()
