@@ -21,6 +21,7 @@ import jax
 # Lines of a device plane that restate the streams' events at a coarser level.
 _DERIVED_LINES = ("XLA Modules", "XLA Ops", "Steps", "Framework", "Source", "XLA TraceMe")
 _MODULE_LINE = "XLA Modules"  # one event per executable run: its span on the device
+Events = list[tuple[int, int, str]]  # (start_ns, duration_ns, name), sorted by start
 
 
 def kernel_kind(name: str) -> str:
@@ -37,7 +38,7 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def read_trace(path: str) -> tuple[list, list, dict[str, int]]:
+def read_trace(path: str) -> tuple[Events, Events, dict[str, int]]:
     """(kernels, modules, events per line) of an .xplane.pb file: kernels are the device
     streams' events, modules the executable runs of the "XLA Modules" line, each a sorted list
     of (start_ns, duration_ns, name)."""
@@ -60,19 +61,12 @@ def read_trace(path: str) -> tuple[list, list, dict[str, int]]:
     return sorted(kernels), sorted(modules), dict(per_line)
 
 
-def device_events(path: str) -> tuple[list[tuple[int, int, str]], dict[str, int]]:
-    """(start_ns, duration_ns, name) of every device-stream event in an .xplane.pb file, and
-    the number of events per line (to show what was read)."""
-    kernels, _, per_line = read_trace(path)
-    return kernels, per_line
-
-
 def module_name(event_name: str) -> str:
     """An executable's name without the run id the profiler appends ("jit_forward_t64(12)")."""
     return re.sub(r"\(\d+\)$", "", event_name)
 
 
-def by_module(modules: list[tuple[int, int, str]], kernels: list[tuple[int, int, str]]) -> list[dict]:
+def by_module(modules: Events, kernels: Events) -> list[dict]:
     """Per executable, largest first: runs, device span (ms) and kernel time by kind (ms) of the
     kernels that start inside its runs; kernels outside any run are listed as "(no module)"."""
     starts = [s for s, _, _ in modules]
@@ -94,7 +88,7 @@ def by_module(modules: list[tuple[int, int, str]], kernels: list[tuple[int, int,
     return sorted(rows.values(), key=lambda r: -(r["span_ms"] or sum(r["kernel_ms"].values())))
 
 
-def summarize(events: list[tuple[int, int, str]], reps: int, top: int = 15) -> dict:
+def summarize(events: Events, reps: int, top: int = 15) -> dict:
     """Per-step span, busy and idle time (us), kernel counts by kind and the top kernels."""
     if not events:
         return {"note": "no device events in the trace (not a GPU/TPU backend?)"}
@@ -161,11 +155,11 @@ def _profile(run, reps: int, block_each: bool, read, warm_up: bool = True,
 
 def trace_steps(run, reps: int = 10) -> dict:
     """Profile `reps` calls of `run()` (each returns something to block on) on the device."""
-    read = _profile(run, reps, False, device_events)
+    read = _profile(run, reps, False, read_trace)
     if read is None:
         return {"note": "the profiler wrote no trace"}
-    events, lines = read
-    return {**summarize(events, reps), "lines": lines}
+    kernels, _, lines = read
+    return {**summarize(kernels, reps), "lines": lines}
 
 
 def trace_run(run) -> dict:

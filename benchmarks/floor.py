@@ -64,6 +64,8 @@ def _sum_capped(first: int, end: int, cap: int | None) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class RequestCost:
+    """The work one request costs any engine."""
+
     prefill_flops: int    # prompt tokens through the layers, prefill attention, first logits
     decode_flops: int     # each later token through the layers, and its logits
     kv_read_bytes: int    # what decode attention reads

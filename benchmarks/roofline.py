@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                   and r["context"] == args.engine_context and "step_ms" in r)
     step_memory = _step_memory(engine, args.engine_batch)
     if args.print_layer_hlo:
-        exe = engine.runner.executables.get("forward", (engine.runner.bucket_for(args.engine_batch),
-                                                    True))
+        bucket = (engine.runner.bucket_for(args.engine_batch), True)
+        exe = engine.runner.executables.get("forward", bucket)
         marker = "jaxpage_decode" if engine.runner.backend == "pallas_gpu" else "custom-call"
         print(f"one layer of the decode step (batch {args.engine_batch}):")
         print("\n".join(hlo_layers.layer_ops(exe.as_text(), marker)))

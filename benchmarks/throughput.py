@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(model=model, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.backend,
               max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization)
-    startup = {"startup_s": time.perf_counter() - t0, "compile_s": llm.engine.runner.executables.compile_seconds,
+    startup = {"startup_s": time.perf_counter() - t0,
+               "compile_s": llm.engine.runner.executables.compile_seconds,
                "kv_cache_gib": llm.engine.runner.kv_cache_bytes / 2**30}
     kv_bytes, backend = int(startup["kv_cache_gib"] * 2**30), llm.engine.backend
     prompts = {s: common.random_prompts(w, model.config.vocab_size, seed=2)
