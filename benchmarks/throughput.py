@@ -18,6 +18,7 @@ device time by executable and kernel kind.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -149,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     profile = None
     if args.profile_device:
         spec = specs[0]
-        profile = device_profile.trace_run(lambda: llm.generate(
-            prompt_token_ids=prompts[spec], sampling_params=jaxpage_params(workloads[spec]),
-            use_tqdm=False))
+        profile = device_profile.trace_run(functools.partial(
+            llm.generate, prompt_token_ids=prompts[spec],
+            sampling_params=jaxpage_params(workloads[spec]), use_tqdm=False))
         print(f"jaxpage, {spec}, traced:")
         device_profile.print_summary(profile)
     del llm  # frees the KV cache for the baseline

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpage import compat, sampler
+from jaxpage import sampler
 from jaxpage.attention import AttentionMetadata, max_cache_array_elements
 from jaxpage.executable_cache import ExecutableCache
 from jaxpage.executables import Executables
